@@ -1,0 +1,192 @@
+"""Grouping embeddings: images -> L2-normalised float32 vectors whose cosine similarity decides the groups.
+
+"clip" (open_clip, e.g. ViT-L-14) and "dinov2" load local weights only. "pixels" (downsampled, mean-centred
+pixels) is a cheap stand-in for tests and demos. "class" and "random" are the paper's grouping ablations:
+"class" puts every image of a class at cosine ~1 and other classes at ~0, so retrieval picks random same-class
+partners; "random" gives cosine ~0 everywhere, so with tau <= -1 the groups are random images.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Embedder(Protocol):
+    name: str
+
+    def embed(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """uint8 BxHxWx3 images (+ labels, dataset ids) -> float32 (B, D), rows of unit norm."""
+        ...
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _id_rng(seed: int, idx: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(idx)])
+
+
+class PixelEmbedder:
+    """Area-downsampled grayscale pixels, mean-centred per image, L2-normalised."""
+
+    name = "pixels"
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = int(size)
+
+    def embed(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(images).permute(0, 3, 1, 2).float().mean(1, keepdim=True) / 255.0
+        x = F.adaptive_avg_pool2d(x, self.size).flatten(1)
+        x = x - x.mean(1, keepdim=True)
+        return l2_normalize(x.double().numpy())
+
+
+class ClassEmbedder:
+    """One-hot label plus a small per-id jitter (seeded by dataset id) so same-class neighbours come in random order."""
+
+    name = "class"
+
+    def __init__(self, num_classes: int, jitter: float = 0.05, seed: int = 0) -> None:
+        self.num_classes, self.jitter, self.seed = int(num_classes), float(jitter), int(seed)
+
+    def embed(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(labels), self.num_classes), np.float64)
+        out[np.arange(len(labels)), np.asarray(labels)] = 1.0
+        for row, i in enumerate(ids):
+            out[row] += self.jitter * _id_rng(self.seed, i).standard_normal(self.num_classes) / np.sqrt(self.num_classes)
+        return l2_normalize(out)
+
+
+class RandomEmbedder:
+    """Gaussian vectors seeded by dataset id: groups unrelated to content (use with tau=-1)."""
+
+    name = "random"
+
+    def __init__(self, dim: int = 64, seed: int = 0) -> None:
+        self.dim, self.seed = int(dim), int(seed)
+
+    def embed(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return l2_normalize(np.stack([_id_rng(self.seed, i).standard_normal(self.dim) for i in ids]))
+
+
+class _TorchImageEmbedder:
+    """Shared preprocessing: bicubic resize of the short side, center crop, mean/std normalisation."""
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, image_size: int, mean, std, device: str, batch_size: int) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.image_size, self.batch_size = int(image_size), int(batch_size)
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def _preprocess(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
+        h, w = x.shape[-2:]
+        s = self.image_size / min(h, w)
+        x = F.interpolate(x, size=(max(self.image_size, round(h * s)), max(self.image_size, round(w * s))),
+                          mode="bicubic", align_corners=False, antialias=True)
+        top, left = (x.shape[-2] - self.image_size) // 2, (x.shape[-1] - self.image_size) // 2
+        x = x[..., top:top + self.image_size, left:left + self.image_size].clamp(0, 1)
+        return (x - self.mean) / self.std
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def embed(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            x = self._preprocess(images[i:i + self.batch_size]).to(self.device)
+            out.append(self._forward(x).float().cpu().numpy())
+        return l2_normalize(np.concatenate(out))
+
+
+def _load_state_dict(path: Path) -> dict:
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+class ClipEmbedder(_TorchImageEmbedder):
+    """open_clip image tower from a local checkpoint file (pretrained=None, then load_state_dict)."""
+
+    name = "clip"
+
+    def __init__(self, arch: str = "ViT-L-14", checkpoint: str | None = None, device: str = "cpu",
+                 batch_size: int = 64) -> None:
+        path = Path(checkpoint).expanduser() if checkpoint else None
+        if path is None or not path.is_file():
+            raise FileNotFoundError(f"open_clip checkpoint {checkpoint} not found: set embedders.clip.checkpoint to a "
+                                    f"local {arch} state-dict file (e.g. open_clip_pytorch_model.bin of "
+                                    f"laion/CLIP-{arch}-*); nothing is downloaded")
+        import open_clip
+        model = open_clip.create_model(arch, pretrained=None)
+        model.load_state_dict(_load_state_dict(path))
+        size = model.visual.image_size
+        super().__init__(model, size[0] if isinstance(size, (tuple, list)) else size, OPENAI_MEAN, OPENAI_STD,
+                         device, batch_size)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(x)
+
+
+class Dinov2Embedder(_TorchImageEmbedder):
+    """DINOv2 CLS features from a local torch-hub checkout of facebookresearch/dinov2 plus a local weight file."""
+
+    name = "dinov2"
+
+    def __init__(self, arch: str = "dinov2_vitl14", repo: str | None = None, checkpoint: str | None = None,
+                 image_size: int = 224, device: str = "cpu", batch_size: int = 64) -> None:
+        repo_dir = Path(repo).expanduser() if repo else None
+        if repo_dir is None or not (repo_dir / "hubconf.py").is_file():
+            raise FileNotFoundError(f"DINOv2 hub directory {repo} has no hubconf.py: set embedders.dinov2.repo to a "
+                                    "local clone of facebookresearch/dinov2 (e.g. ~/.cache/torch/hub/"
+                                    "facebookresearch_dinov2_main)")
+        ckpt = Path(checkpoint).expanduser() if checkpoint else None
+        if ckpt is None or not ckpt.is_file():
+            raise FileNotFoundError(f"DINOv2 checkpoint {checkpoint} not found: set embedders.dinov2.checkpoint to a "
+                                    f"local {arch}_pretrain.pth; nothing is downloaded")
+        model = torch.hub.load(str(repo_dir), arch, source="local", pretrained=False)
+        model.load_state_dict(_load_state_dict(ckpt))
+        super().__init__(model, image_size, IMAGENET_MEAN, IMAGENET_STD, device, batch_size)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def build_embedder(name: str, *, num_classes: int | None = None, **kw) -> Embedder:
+    """`name`: "clip" | "dinov2" | "pixels" | "class" | "random" (kw: that embedder's arguments)."""
+    if name == "pixels":
+        return PixelEmbedder(**kw)
+    if name == "class":
+        if not num_classes:
+            raise ValueError("class embedder needs num_classes")
+        return ClassEmbedder(num_classes, **kw)
+    if name == "random":
+        return RandomEmbedder(**kw)
+    if name == "clip":
+        return ClipEmbedder(**kw)
+    if name == "dinov2":
+        return Dinov2Embedder(**kw)
+    raise ValueError(f"unknown embedder {name!r}: expected clip, dinov2, pixels, class or random")
+
+
+def embedding_fingerprint(emb: np.ndarray) -> str:
+    """Short hash of an embedding matrix, recorded in meta.json to tie groups to the embeddings that made them."""
+    return hashlib.sha256(np.ascontiguousarray(emb).tobytes()).hexdigest()[:16]
