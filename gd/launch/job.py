@@ -1,0 +1,75 @@
+"""The callable that submitit runs on every rank: distributed environment, task dispatch, preemption.
+
+Preemption order (SLURM's USR2, a `scancel --signal=USR2`, or the local controller near its time limit):
+submitit installs its own USR2 handler before calling us; that handler checkpoints the *callable* and requeues
+at once, from inside whatever the main thread was doing, on rank 0 only. A training step cannot be interrupted
+like that, so for `task=train` the handler is swapped for one that only raises a flag. The trainer polls the
+flag (`stop_requested`), agrees on it across ranks, writes a checkpoint on all ranks and returns
+`{"preempted": True}`; then submitit's original handler runs on rank 0 and does what it would have done:
+dump `self.checkpoint()` (this same job, same config), requeue, exit. The requeued job finds
+`<run.dir>/checkpoints/latest` and the trainer resumes from it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import zlib
+from typing import Any, Callable
+
+import submitit
+from omegaconf import DictConfig, OmegaConf
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """One run of `cfg.task` (train, sample or evaluate) as a requeueable submitit job."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self) -> Any:
+        cfg = self.cfg
+        _export_environment(cfg)
+        if cfg.task != "train":
+            return run_task(cfg, None)
+        requested = threading.Event()
+        requeue = signal.getsignal(signal.SIGUSR2)
+        signal.signal(signal.SIGUSR2, lambda signum, frame: requested.set())
+        result = run_task(cfg, requested.is_set)
+        if isinstance(result, dict) and result.get("preempted") and callable(requeue):
+            print(f"gd.launch: checkpoint written at step {result.get('step')}; requeueing", flush=True)
+            requeue(signal.SIGUSR2, None)
+        return result
+
+
+def run_task(cfg: DictConfig, stop_requested: Callable[[], bool] | None) -> Any:
+    """Calls the function behind `cfg.task`; imported here so the launcher itself never imports torch."""
+    if cfg.task == "train":
+        from gd.train.loop import train
+
+        return train(cfg, stop_requested)
+    if cfg.task == "sample":
+        from gd.sample import generate
+
+        return generate(cfg)
+    if cfg.task == "evaluate":
+        from gd import evaluate
+
+        return evaluate.evaluate(cfg)
+    raise ValueError(f"task={cfg.task!r}: expected train, sample or evaluate")
+
+
+def _export_environment(cfg: DictConfig) -> None:
+    """torch.distributed's env:// variables from submitit's job environment, plus the cluster's extra env."""
+    env = submitit.JobEnvironment()
+    if "MASTER_PORT" not in os.environ:
+        # Same on every node of the job, and different after a requeue so that a port still held by the
+        # previous attempt's store cannot block the rendezvous.
+        restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+        os.environ["MASTER_PORT"] = str(20000 + zlib.crc32(f"{env.job_id}-{restart}".encode()) % 40000)
+    # CUDA_VISIBLE_DEVICES is left alone: every rank sees the node's GPUs and picks cuda:LOCAL_RANK.
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    if cfg.cluster.gpus_per_node == 0:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in OmegaConf.to_container(cfg.cluster.env, resolve=True).items():
+        os.environ[str(key)] = str(value)

@@ -1,0 +1,174 @@
+"""Checks that run before anything is submitted: cluster shape, batch arithmetic, data reachability.
+
+Every problem found is reported at once, each naming the offending value and what was expected, so a bad
+config costs seconds at the terminal instead of a queue wait and a crash on the first step.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from gd.launch.errors import LaunchError
+
+TASKS = ("train", "sample", "evaluate")
+CLUSTER_KINDS = ("local", "slurm")
+GROUP_MODES = ("l", "f", "none")
+
+
+def tasks_per_node(cluster: DictConfig) -> int:
+    """Processes per node: as configured, else one per GPU, else one."""
+    if cluster.tasks_per_node is not None:
+        return int(cluster.tasks_per_node)
+    return int(cluster.gpus_per_node) or 1
+
+
+def world_size(cluster: DictConfig) -> int:
+    """Number of ranks the job will have."""
+    return int(cluster.nodes) * tasks_per_node(cluster)
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def validate(cfg: DictConfig) -> list[str]:
+    """Raises LaunchError listing every problem in `cfg`; returns warnings that do not stop the launch."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    if cfg.task not in TASKS:
+        problems.append(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
+    problems += _check_cluster(cfg.cluster, warnings)
+    if not problems and cfg.task == "train":
+        problems += _check_batch(cfg)
+        if cfg.launcher.check_data:
+            problems += _check_data(cfg)
+    if problems:
+        raise LaunchError("rejected, nothing was submitted:\n  - " + "\n  - ".join(problems))
+    return warnings
+
+
+def _check_cluster(cluster: DictConfig, warnings: list[str]) -> list[str]:
+    problems = []
+    if cluster.kind not in CLUSTER_KINDS:
+        return [f"cluster.kind={cluster.kind!r} is not one of {', '.join(CLUSTER_KINDS)}"]
+    for key in ("nodes", "cpus_per_task", "timeout_min"):
+        if not isinstance(cluster[key], int) or cluster[key] < 1:
+            problems.append(f"cluster.{key}={cluster[key]!r}: expected a positive integer")
+    if not isinstance(cluster.gpus_per_node, int) or cluster.gpus_per_node < 0:
+        problems.append(f"cluster.gpus_per_node={cluster.gpus_per_node!r}: expected an integer >= 0")
+    if cluster.tasks_per_node is not None and (not isinstance(cluster.tasks_per_node, int) or cluster.tasks_per_node < 1):
+        problems.append(f"cluster.tasks_per_node={cluster.tasks_per_node!r}: expected a positive integer or null")
+    if problems:
+        return problems
+    tasks = tasks_per_node(cluster)
+    if cluster.gpus_per_node and tasks != cluster.gpus_per_node:
+        problems.append(f"cluster.tasks_per_node={tasks} with cluster.gpus_per_node={cluster.gpus_per_node}: "
+                        "expected one task per GPU (leave tasks_per_node null)")
+    if cluster.kind == "local" and cluster.nodes != 1:
+        problems.append(f"cluster.nodes={cluster.nodes}: +cluster=local runs on this machine only (nodes=1)")
+    if cluster.kind == "slurm":
+        if cluster.signal_delay_s >= cluster.timeout_min * 60:
+            problems.append(f"cluster.signal_delay_s={cluster.signal_delay_s} must be shorter than the time limit "
+                            f"(cluster.timeout_min={cluster.timeout_min} min)")
+        if cluster.timeout_min <= 50:
+            warnings.append(f"cluster.timeout_min={cluster.timeout_min} <= 50: submitit counts every USR2 "
+                            f"(preemption too) as a timeout, so the job stops requeueing after "
+                            f"cluster.max_requeues={cluster.max_requeues} of them")
+        if cluster.mem_per_task_gb is not None and cluster.mem_per_task_gb <= 0:
+            problems.append(f"cluster.mem_per_task_gb={cluster.mem_per_task_gb}: expected a positive number or null")
+    return problems
+
+
+def _check_batch(cfg: DictConfig) -> list[str]:
+    train, diffusion, cluster = cfg.train, cfg.diffusion, cfg.cluster
+    batch, micro, n = train.global_batch, train.micro_batch, diffusion.group_size
+    world = world_size(cluster)
+    ranks = f"{world} processes (cluster.nodes={cluster.nodes} x {tasks_per_node(cluster)} tasks per node)"
+    problems = []
+    for key, value in (("train.global_batch", batch), ("train.micro_batch", micro), ("diffusion.group_size", n)):
+        if not isinstance(value, int) or value < 1:
+            problems.append(f"{key}={value!r}: expected a positive integer")
+    if diffusion.mode not in GROUP_MODES:
+        problems.append(f"diffusion.mode={diffusion.mode!r} is not one of {', '.join(GROUP_MODES)}")
+    if problems:
+        return problems
+    if diffusion.mode == "none" and n != 1:
+        problems.append(f"diffusion.group_size={n} with diffusion.mode=none: plain training has group_size 1")
+    if n > cfg.model.max_group_size:
+        problems.append(f"diffusion.group_size={n} exceeds model.max_group_size={cfg.model.max_group_size} "
+                        "(the sample embedding has one row per group member)")
+    if batch % n:
+        problems.append(f"train.global_batch={batch} is not divisible by diffusion.group_size={n}: "
+                        "a group step needs whole groups")
+    elif world > batch // n:
+        problems.append(f"{ranks} but train.global_batch={batch} holds only {batch // n} groups of "
+                        f"diffusion.group_size={n}: use at most {batch // n} processes or a larger batch")
+    if micro % n:
+        problems.append(f"train.micro_batch={micro} is not divisible by diffusion.group_size={n}: "
+                        "each process needs whole groups in every micro-batch")
+    if batch % (world * micro):
+        problems.append(f"train.global_batch={batch} is not a multiple of {ranks} x train.micro_batch={micro}"
+                        f" = {world * micro} (gradient accumulation must be a whole number of micro-batches)")
+    return problems
+
+
+def _check_data(cfg: DictConfig) -> list[str]:
+    root = str(cfg.data.root)
+    parts = ["plain"] + (["group"] if cfg.diffusion.mode != "none" else [])
+    build = ("build it with tools/build_shards.py (see the experiment file's header), or set data.root=... "
+             "(or launcher.check_data=false to skip this check)")
+    if is_url(root):
+        if not root.startswith("s3://"):
+            return [f"data.root={root}: expected a local directory or s3://bucket/prefix"]
+        for part in parts:
+            error = _s3_missing(f"{root.rstrip('/')}/{part}/index.json")
+            if error:
+                return [f"data.root={root}: {error}; {build}"]
+        return []
+    path = Path(root)
+    if not path.is_dir():
+        return [f"data.root={root} does not exist; {build}"]
+    missing = [f"{part}/index.json" for part in parts if not (path / part / "index.json").is_file()]
+    if missing:
+        return [f"data.root={root} has no {' or '.join(missing)} (not a complete shard set); {build}"]
+    return _check_meta(cfg, path / "meta.json")
+
+
+def _check_meta(cfg: DictConfig, meta_path: Path) -> list[str]:
+    """Latent shape and class count of the shards against the model, when the shards say what they hold."""
+    if not meta_path.is_file():
+        return []
+    meta = json.loads(meta_path.read_text())
+    shape = meta.get("latent_shape") or meta.get("shape")
+    problems = []
+    if isinstance(shape, list) and len(shape) == 3:
+        want = [cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size]
+        if list(shape) != want:
+            problems.append(f"data.root={cfg.data.root} holds latents of shape {shape} but the model expects "
+                            f"[model.in_channels, model.input_size, model.input_size] = {want}")
+    classes = meta.get("num_classes")
+    if isinstance(classes, int) and classes != cfg.model.num_classes:
+        problems.append(f"data.root={cfg.data.root} has num_classes={classes} but model.num_classes="
+                        f"{cfg.model.num_classes}")
+    return problems
+
+
+def _s3_missing(url: str) -> str | None:
+    """None when the object at `url` is reachable (S3_ENDPOINT_URL honoured), else why not."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = url[len("s3://"):].partition("/")
+    client = boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None,
+                          config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}))
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+    except ClientError as err:
+        return f"{url} not found ({err.response.get('Error', {}).get('Code', err)})"
+    except BotoCoreError as err:
+        return f"{url} not reachable ({err}; S3_ENDPOINT_URL={os.environ.get('S3_ENDPOINT_URL')!r})"
+    return None
