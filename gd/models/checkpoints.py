@@ -1,0 +1,179 @@
+"""Loading official SiT/DiT checkpoints and our exported model files.
+
+Accepted files (all read with ``torch.load(weights_only=True)``; a checkpoint is untrusted input):
+
+* official released weights (willisma/SiT ``SiT-XL-2-256.pt``, facebookresearch/DiT ``DiT-XL-2-256x256.pt``):
+  a flat state dict (the EMA weights);
+* official ``train.py`` checkpoints ``{"model", "ema", "opt", "args"}``: the ``"ema"`` weights are used when
+  present, else ``"model"``; ``args`` is an ``argparse.Namespace``, the only non-tensor class allow-listed;
+* our export (written by :func:`save_model`, used for the trainer's ``ema.pt``)::
+
+      {"format": "gd.sit/1", "config": {"name": "SiT-XL/2", <every build_model argument>}, "model": state_dict}
+
+  ``config`` rebuilds the model (:func:`load_model`). A flat state dict with a ``model.json`` (the same config
+  as JSON) in its folder is accepted by :func:`load_model` too.
+
+Keys prefixed by ``module.`` (DDP/DeepSpeed) or ``_orig_mod.`` (torch.compile) are unwrapped. Every key and
+shape must match the model, except ``sample_embed``: official files lack it and it then keeps the model's
+value (zero after build_model, i.e. the official model exactly). Anything else missing, unexpected or of
+another shape fails with one error listing all of it; nothing is loaded in that case.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gd.models.sit import SiT, build_model
+
+FORMAT = "gd.sit/1"
+OPTIONAL_KEYS = ("sample_embed",)
+_SAFE_GLOBALS = [argparse.Namespace]
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read, or whose weights do not fit the model."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """torch.load with weights_only=True and only argparse.Namespace allow-listed (official train.py args)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refusing to load {str(path)!r}: it holds objects outside the allow-list (tensors, containers, "
+            f"argparse.Namespace); it is not an official SiT/DiT or gd checkpoint, or was tampered with. "
+            f"Unpickler said: {str(err).splitlines()[0]}"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {err}") from err
+
+
+def unpack_checkpoint(obj: Any, source: str = "checkpoint") -> tuple[dict[str, Tensor], dict[str, Any] | None, str]:
+    """(state dict, embedded config or None, which entry was used) from any accepted checkpoint layout."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{source}: expected a dict (state dict or checkpoint), got {type(obj).__name__}")
+    config = None
+    if obj.get("format") == FORMAT:
+        state, config, entry = obj.get("model"), obj.get("config"), "model"
+    elif isinstance(obj.get("ema"), dict):
+        state, entry = obj["ema"], "ema"
+    elif isinstance(obj.get("model"), dict):
+        state, entry = obj["model"], "model"
+    elif isinstance(obj.get("state_dict"), dict):
+        state, entry = obj["state_dict"], "state_dict"
+    else:
+        state, entry = obj, "<flat>"
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{source}: no state dict found (top-level keys: {sorted(map(str, obj))[:10]})")
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(
+            f"{source}: entry {entry!r} is not a state dict; non-tensor values under {sorted(map(str, bad))[:10]}"
+        )
+    for prefix in _PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state, config, entry
+
+
+def _mismatch_report(model: SiT, state: dict[str, Tensor]) -> list[str]:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and k not in OPTIONAL_KEYS]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    lines = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            shown = "\n    ".join(items[:25]) + (f"\n    ... and {len(items) - 25} more" if len(items) > 25 else "")
+            lines.append(f"  {title} ({len(items)}):\n    {shown}")
+    return lines
+
+
+def load_state(model: SiT, state: dict[str, Tensor], source: str = "state dict") -> list[str]:
+    """Copy ``state`` into ``model`` after checking every key and shape; returns the optional keys it lacked."""
+    problems = _mismatch_report(model, state)
+    if problems:
+        hint = ""
+        if "sample_embed" in state and model.sample_embed is None:
+            hint = "\n  hint: the checkpoint has a sample embedding; build the model with sample_embed=True"
+        raise CheckpointError(
+            f"{source} does not fit {model.config.get('name', type(model).__name__)} "
+            f"(nothing was loaded):\n" + "\n".join(problems) + hint
+        )
+    model.load_state_dict(state, strict=False)
+    return [k for k in OPTIONAL_KEYS if k in model.state_dict() and k not in state]
+
+
+def load_pretrained(model: SiT, path: str | os.PathLike) -> dict[str, Any]:
+    """Load official SiT/DiT weights or a gd export into ``model`` (in place, any dtype/device).
+
+    Returns ``{"entry": "ema"|"model"|"<flat>"|..., "absent_optional": [...], "config": embedded config or None}``.
+    """
+    state, config, entry = unpack_checkpoint(read_checkpoint(path), source=str(path))
+    absent = load_state(model, state, source=f"{path} [{entry}]")
+    return {"entry": entry, "absent_optional": absent, "config": config}
+
+
+def save_model(model: SiT, path: str | os.PathLike, state_dict: dict[str, Tensor] | None = None) -> None:
+    """Write ``{"format", "config", "model"}`` atomically (temp file + os.replace); tensors go to CPU.
+
+    ``state_dict`` replaces the model's own weights (e.g. the EMA copy) and must fit the model.
+    """
+    if not model.config:
+        raise ValueError("model.config is empty: build the model with gd.models.build_model so it can be rebuilt")
+    state = model.state_dict() if state_dict is None else state_dict
+    problems = _mismatch_report(model, state)
+    if problems:
+        raise CheckpointError("state_dict does not fit the model:\n" + "\n".join(problems))
+    payload = {"format": FORMAT, "config": dict(model.config), "model": {k: v.detach().cpu() for k, v in state.items()}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_model(path: str | os.PathLike, **overrides: Any) -> SiT:
+    """Rebuild and load a model from a gd export (embedded config) or a flat file with ``model.json`` beside it.
+
+    ``overrides`` change runtime options of the stored config (e.g. ``attn_backend``, ``group_t_window``).
+    """
+    path = Path(path)
+    state, config, entry = unpack_checkpoint(read_checkpoint(path), source=str(path))
+    if config is None:
+        sidecar = path.parent / "model.json"
+        if not sidecar.is_file():
+            raise CheckpointError(
+                f"{path} has no embedded model config and there is no {sidecar}; use build_model(...) and "
+                f"load_pretrained(model, path) for official checkpoints"
+            )
+        config = json.loads(sidecar.read_text())
+    config = {**config, **overrides}
+    name = config.pop("name", None)
+    if not isinstance(name, str):
+        raise CheckpointError(f"{path}: model config lacks a 'name' (got keys {sorted(config)})")
+    model = build_model(name, **config)
+    load_state(model, state, source=f"{path} [{entry}]")
+    return model
