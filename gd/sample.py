@@ -1,0 +1,482 @@
+"""Class-balanced group sampling at scale: ``python -m gd.sample [ckpt=...] [sample.key=value ...]``.
+
+Layout. With C classes, P = num_images / C images per class and group size N, every class gets
+ceil(P / N) groups of N members sharing its label. Groups are numbered class-interleaved (group g has class
+g mod C) and slot j belongs to group j // N; when N does not divide P the last group of each class generates
+a few extra members that are dropped, so the output keeps exactly P per class. The kept slots, in slot
+order, are the output images 0..num_images-1.
+
+Determinism. The starting noise of slot j comes from a generator seeded by (seed, j), so the same seed
+gives the same noise whatever rank or batch generates it. Chunks of ``batch_groups`` groups are the unit of
+work, of SDE noise (one generator per (seed, chunk)) and of resumption; they are assigned to ranks
+round-robin, so 1 rank and W ranks produce identical chunks. Changing ``batch_groups`` changes SDE noise.
+
+Outputs under ``sample.out`` (written atomically, a finished chunk is never redone):
+  settings.json                 what determines the images (checked on resume) and its hash
+  chunks/chunk_XXXXXX.npz       uint8 images, labels, output indices, slots of one chunk (written last)
+  png/chunk_XXXXXX.tar          the chunk's PNGs, ``<index>_<class>.png``
+  samples.npz                   ADM layout: arr_0 uint8 N×H×W×3, arr_1 int64 labels (assembled by rank 0)
+  grid.png                      rows = classes, columns = their first images
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import math
+import os
+import tarfile
+import time
+import zipfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+MODES = ("l", "f", "none")
+PRECISIONS = ("fp32", "tf32", "bf16")
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: identical runs write identical bytes
+
+
+# ------------------------------------------------------------------------------------------------ layout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which slot holds which class and output index; see the module docstring."""
+
+    num_images: int
+    num_classes: int
+    group_size: int
+    batch_groups: int
+
+    def __post_init__(self) -> None:
+        for name in ("num_images", "num_classes", "group_size", "batch_groups"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"sample.{name}={getattr(self, name)}: expected a positive integer")
+        if self.num_images % self.num_classes:
+            raise ValueError(f"sample.num_images={self.num_images} is not a multiple of num_classes="
+                             f"{self.num_classes}: class-balanced sampling needs the same count per class")
+
+    @property
+    def per_class(self) -> int:
+        return self.num_images // self.num_classes
+
+    @property
+    def groups_per_class(self) -> int:
+        return math.ceil(self.per_class / self.group_size)
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_classes * self.groups_per_class
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_groups * self.group_size
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.num_groups / self.batch_groups)
+
+    def slot_labels(self, slots: np.ndarray) -> np.ndarray:
+        return (slots // self.group_size) % self.num_classes
+
+    def slot_kept(self, slots: np.ndarray) -> np.ndarray:
+        rounds = (slots // self.group_size) // self.num_classes
+        return rounds * self.group_size + slots % self.group_size < self.per_class
+
+    def output_index(self, slots: np.ndarray) -> np.ndarray:
+        """Output index of each kept slot (-1 for dropped ones)."""
+        kept = self.slot_kept(np.arange(self.num_slots))
+        index = np.cumsum(kept) - 1
+        return np.where(kept[slots], index[slots], -1)
+
+    def chunk_slots(self, chunk: int) -> np.ndarray:
+        g0 = chunk * self.batch_groups
+        g1 = min(g0 + self.batch_groups, self.num_groups)
+        return np.arange(g0 * self.group_size, g1 * self.group_size)
+
+    def rank_chunks(self, rank: int, world_size: int) -> list[int]:
+        return list(range(rank, self.num_chunks, world_size))
+
+
+def _seed_of(*entropy: int) -> int:
+    return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def slot_noise(seed: int, slots: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    """Starting noise (float32, CPU) of each slot, from a generator seeded by (seed, slot)."""
+    gen = torch.Generator()
+    out = torch.empty((len(slots), *shape))
+    for i, j in enumerate(slots):
+        gen.manual_seed(_seed_of(seed, 0, int(j)))
+        out[i] = torch.randn(shape, generator=gen)
+    return out
+
+
+def chunk_generator(seed: int, chunk: int) -> torch.Generator:
+    """CPU generator of a chunk's SDE noise: the same on every device and rank."""
+    return torch.Generator().manual_seed(_seed_of(seed, 1, chunk))
+
+
+# --------------------------------------------------------------------------------------- atomic writers
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_2_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                               "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue()
+
+
+def write_npz(path: Path, arrays: dict[str, Any]) -> None:
+    """Atomic, byte-reproducible .npz (stored, fixed timestamps). A value is an array, or (shape, dtype,
+    iterable of arrays) streamed in order so a 50k×256×256×3 file never sits in memory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in arrays.items():
+            if isinstance(value, tuple):
+                shape, dtype, parts = value
+            else:
+                arr = np.ascontiguousarray(value)
+                shape, dtype, parts = arr.shape, arr.dtype, [arr]
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            written = 0
+            with zf.open(info, "w", force_zip64=True) as fh:
+                fh.write(_npy_header(shape, dtype))
+                for part in parts:
+                    part = np.ascontiguousarray(part, dtype=dtype)
+                    fh.write(part.tobytes())
+                    written += part.size
+            if written != int(np.prod(shape)):
+                raise RuntimeError(f"{path}:{name}: wrote {written} values, expected shape {shape}")
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_png_tar(path: Path, images: np.ndarray, indices: np.ndarray, labels: np.ndarray) -> None:
+    """A tar of PNGs named ``<index>_<class>.png`` with fixed metadata (reproducible bytes), atomically."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for image, index, label in zip(images, indices, labels):
+            data = png_bytes(image)
+            info = tarfile.TarInfo(f"{int(index):06d}_{int(label)}.png")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    _atomic_bytes(Path(path), buf.getvalue())
+
+
+def class_grid(images: np.ndarray, labels: np.ndarray, classes: int, per_class: int, pad: int = 2) -> np.ndarray:
+    """uint8 grid: one row per class (first ``classes`` classes), its first ``per_class`` images."""
+    h, w = images.shape[1:3]
+    rows = [c for c in range(classes) if (labels == c).any()]
+    grid = np.full((len(rows) * (h + pad) + pad, per_class * (w + pad) + pad, 3), 255, np.uint8)
+    for r, c in enumerate(rows):
+        for k, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
+            y, x = pad + r * (h + pad), pad + k * (w + pad)
+            grid[y:y + h, x:x + w] = images[i]
+    return grid
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_path(cfg: DictConfig) -> Path:
+    """``ckpt`` (top level, gd.evaluate's argument) or ``sample.ckpt``; must exist."""
+    ckpt = cfg.get("ckpt") or cfg.sample.get("ckpt")
+    if not ckpt:
+        raise ValueError("no checkpoint: pass ckpt=<run.dir>/ema.pt (or an official SiT file with model=...)")
+    path = Path(str(ckpt)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint ckpt={ckpt!r} does not exist or is not a file")
+    return path
+
+
+def load_sampling_model(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, dict]:
+    """Our export (embedded config or model.json beside it) rebuilds itself; an official SiT/DiT file is
+    loaded into ``build_model(cfg.model.name, **cfg.model)``."""
+    from gd.models import build_model, load_pretrained
+    from gd.models.checkpoints import load_state, read_checkpoint, unpack_checkpoint
+
+    state, config, entry = unpack_checkpoint(read_checkpoint(path), source=str(path))
+    sidecar = path.parent / "model.json"
+    if config is None and sidecar.is_file():
+        config = json.loads(sidecar.read_text())
+    overrides = cfg.sample.get("model_overrides")
+    runtime = dict(OmegaConf.to_container(overrides, resolve=True)) if overrides else {}
+    if config is not None:
+        config = {**config, **runtime}
+        model = build_model(config.pop("name"), **config)
+        load_state(model, state, source=f"{path} [{entry}]")
+        source = "gd export"
+    else:
+        kw = OmegaConf.to_container(cfg.model, resolve=True)
+        model = build_model(kw.pop("name"), **{**kw, **runtime})
+        load_pretrained(model, path)
+        source = "official"
+    return model.eval().requires_grad_(False), {"source": source, "entry": entry, "config": dict(model.config)}
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", _env_int("LOCAL_RANK", 0) % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(spec)
+
+
+def group_sizes(mode: str, n: int) -> tuple[int, int]:
+    """(conditional, unconditional) group sizes: GroupDiff-l (1, N), -f (N, N), plain (1, 1)."""
+    if mode not in MODES:
+        raise ValueError(f"sample.mode={mode!r}: expected one of {MODES}")
+    return {"l": (1, n), "f": (n, n), "none": (1, 1)}[mode]
+
+
+def sampler_settings(s: DictConfig, num_classes: int) -> dict:
+    """The sampler part of the settings (also reported by gd.evaluate)."""
+    return {"mode": s.mode, "group_size": int(s.group_size), "method": s.method, "steps": int(s.steps),
+            "cfg_scale": float(s.cfg_scale), "cfg_interval": [float(v) for v in s.cfg_interval],
+            "cfg_channels": s.cfg_channels, "num_images": int(s.num_images), "num_classes": num_classes,
+            "batch_groups": int(s.batch_groups), "seed": int(s.seed), "precision": s.precision,
+            "decoder": s.decoder, "atol": float(s.atol), "rtol": float(s.rtol)}
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_sample_cfg(s: DictConfig) -> None:
+    from gd.diffusion import METHODS
+
+    if s.method not in METHODS:
+        raise ValueError(f"sample.method={s.method!r}: expected one of {METHODS}")
+    if s.precision not in PRECISIONS:
+        raise ValueError(f"sample.precision={s.precision!r}: expected one of {PRECISIONS}")
+    if s.decoder not in ("pixels", "sdvae"):
+        raise ValueError(f"sample.decoder={s.decoder!r}: expected pixels or sdvae")
+    if s.decoder == "sdvae" and not s.get("vae_path"):
+        raise ValueError("sample.decoder=sdvae needs sample.vae_path=<local AutoencoderKL folder>")
+    group_sizes(s.mode, int(s.group_size))
+
+
+def build_decoder(s: DictConfig, channels: int, device: torch.device):
+    """gd.data.encoders' decoder: latents -> uint8 (B, H, W, 3)."""
+    from gd.data.encoders import SD_VAE_SCALE, build_encoder
+
+    if s.decoder == "pixels":
+        return build_encoder("pixels", channels=channels, scale=float(s.get("decoder_scale") or 1.0))
+    return build_encoder("sdvae", path=str(s.vae_path), scale=float(s.get("decoder_scale") or SD_VAE_SCALE),
+                         device=str(device))
+
+
+class Progress:
+    """tqdm bar on rank 0: images/s (tqdm's rate) and the projected wall-clock finish time."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="img", desc="sampling", disable=not enabled, dynamic_ncols=True)
+        self.start = time.time()
+        self.done = 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        rate = self.done / max(time.time() - self.start, 1e-9)
+        left = (self.bar.total - self.done) / rate if rate > 0 else float("inf")
+        finish = _dt.datetime.now() + _dt.timedelta(seconds=min(left, 1e8))
+        self.bar.set_postfix_str(f"finish ~{finish:%Y-%m-%d %H:%M}", refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _paths(out: Path, chunk: int) -> tuple[Path, Path]:
+    return out / "chunks" / f"chunk_{chunk:06d}.npz", out / "png" / f"chunk_{chunk:06d}.tar"
+
+
+def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = None) -> dict:
+    """Generate this rank's unfinished chunks; rank 0 then waits for all chunks and writes samples.npz and the
+    grid. Returns {"out", "npz" (rank 0), "settings", "settings_hash", "generated", "skipped"}."""
+    s = cfg.sample
+    rank = _env_int("RANK", 0) if rank is None else rank
+    world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    _check_sample_cfg(s)
+    ckpt = checkpoint_path(cfg)
+    out = Path(str(s.out)).expanduser()
+    device = _device(str(s.get("device", "auto")))
+    if s.precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    model, model_info = load_sampling_model(cfg, ckpt)
+    num_classes = int(s.num_classes) if s.get("num_classes") is not None else int(model.num_classes)
+    if num_classes != model.num_classes:
+        raise ValueError(f"sample.num_classes={num_classes} but the checkpoint's model has {model.num_classes}")
+    n = int(s.group_size)
+    cond_n, uncond_n = group_sizes(s.mode, n)
+    if max(cond_n, uncond_n) > getattr(model, "max_group_size", n):
+        raise ValueError(f"sample.group_size={n} exceeds the model's max_group_size={model.max_group_size}")
+    layout = Layout(int(s.num_images), num_classes, n, int(s.batch_groups))
+    settings = {"ckpt": str(ckpt), "ckpt_sha256": file_sha256(ckpt), "model": model_info["config"],
+                **sampler_settings(s, num_classes), "decoder_scale": s.get("decoder_scale"),
+                "vae_path": s.get("vae_path")}
+    digest = settings_hash(settings)
+    _claim_out_dir(out, settings, digest)
+
+    final = out / "samples.npz"
+    todo = [c for c in layout.rank_chunks(rank, world_size) if not _paths(out, c)[0].is_file()]
+    result = {"out": str(out), "settings": settings, "settings_hash": digest, "generated": 0,
+              "skipped": len(layout.rank_chunks(rank, world_size)) - len(todo)}
+    if final.is_file() and not todo:
+        return {**result, "npz": str(final) if rank == 0 else None}
+
+    model.to(device)
+    net = torch.compile(model) if s.get("compile") else model
+    decoder = build_decoder(s, model.in_channels, device) if todo else None
+    shape = (model.in_channels, model.input_size, model.input_size)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if s.precision == "bf16" else nullcontext())
+    progress = Progress(sum(int(layout.slot_kept(layout.chunk_slots(c)).sum()) for c in todo),
+                        enabled=rank == 0 and bool(s.get("progress", True)))
+    from gd.diffusion import sample as diffusion_sample
+
+    for chunk in todo:
+        npz_path, tar_path = _paths(out, chunk)
+        slots = layout.chunk_slots(chunk)
+        labels = torch.as_tensor(layout.slot_labels(slots), device=device)
+        noise = slot_noise(int(s.seed), slots, shape).to(device)
+        with autocast:
+            latents = diffusion_sample(
+                net, noise, labels, method=s.method, steps=int(s.steps), cfg_scale=float(s.cfg_scale),
+                cfg_interval=tuple(float(v) for v in s.cfg_interval), cfg_channels=s.cfg_channels,
+                group_size=cond_n, uncond_group_size=uncond_n, generator=chunk_generator(int(s.seed), chunk),
+                atol=float(s.atol), rtol=float(s.rtol), null_class=num_classes)
+        kept = layout.slot_kept(slots)
+        images = decoder.decode(latents.float()[torch.as_tensor(kept, device=device)]).cpu().numpy()
+        kept_slots = slots[kept]
+        indices = layout.output_index(kept_slots)
+        kept_labels = layout.slot_labels(kept_slots)
+        if s.get("png", True):
+            write_png_tar(tar_path, images, indices, kept_labels)
+        write_npz(npz_path, {"images": images, "labels": kept_labels.astype(np.int64),
+                             "indices": indices.astype(np.int64), "slots": kept_slots.astype(np.int64)})
+        result["generated"] += 1
+        progress.update(len(images))
+    progress.close()
+
+    if rank != 0:
+        return {**result, "npz": None}
+    _wait_for_chunks(out, layout, float(s.get("wait_timeout_s", 86400)))
+    assemble(out, layout, s)
+    return {**result, "npz": str(final)}
+
+
+def _claim_out_dir(out: Path, settings: dict, digest: str) -> None:
+    """Record the settings; refuse to resume into a folder made with other settings."""
+    path = out / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("hash") != digest:
+            diff = {k: (old["settings"].get(k), v) for k, v in settings.items() if old["settings"].get(k) != v}
+            raise ValueError(f"{out} holds samples made with other settings ({diff}); use another sample.out "
+                             "or delete the folder")
+        return
+    _atomic_bytes(path, json.dumps({"hash": digest, "settings": settings}, indent=2, sort_keys=True).encode())
+
+
+def _wait_for_chunks(out: Path, layout: Layout, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while True:
+        missing = [c for c in range(layout.num_chunks) if not _paths(out, c)[0].is_file()]
+        if not missing:
+            return
+        if time.time() > deadline:
+            raise TimeoutError(f"rank 0 waited {timeout:.0f}s for chunks {missing[:10]} (of {len(missing)}) under "
+                               f"{out}/chunks: a rank died? rerun to resume")
+        time.sleep(2.0)
+
+
+def assemble(out: Path, layout: Layout, s: DictConfig) -> Path:
+    """samples.npz (streamed chunk by chunk, in output order) and grid.png from the finished chunks."""
+    first = np.load(_paths(out, 0)[0])
+    h, w, c = first["images"].shape[1:]
+    labels = np.concatenate([np.load(_paths(out, k)[0])["labels"] for k in range(layout.num_chunks)])
+    if len(labels) != layout.num_images:
+        raise RuntimeError(f"chunks under {out} hold {len(labels)} images, expected {layout.num_images}")
+
+    def parts():
+        for k in range(layout.num_chunks):
+            yield np.load(_paths(out, k)[0])["images"]
+
+    write_npz(out / "samples.npz", {"arr_0": ((layout.num_images, h, w, c), np.uint8, parts()),
+                                    "arr_1": labels.astype(np.int64)})
+    per = int(s.get("grid_per_class", 8))
+    classes = min(int(s.get("grid_classes", 10)), layout.num_classes)
+    # round r of groups (g in [r*C, (r+1)*C)) holds members r*N.. of every class: read only the first rounds
+    rounds = math.ceil(per / layout.group_size)
+    need = math.ceil(min(layout.num_groups, rounds * layout.num_classes) / layout.batch_groups)
+    chunks = [np.load(_paths(out, k)[0]) for k in range(need)]
+    imgs = np.concatenate([ch["images"] for ch in chunks])
+    labs = np.concatenate([ch["labels"] for ch in chunks])
+    _atomic_bytes(out / "grid.png", png_bytes(class_grid(imgs, labs, classes, per)))
+    return out / "samples.npz"
+
+
+def _hydra_main() -> None:
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+    def main(cfg: DictConfig) -> None:
+        result = generate(cfg)
+        if result.get("npz"):
+            print(f"gd.sample: {result['npz']} ({cfg.sample.num_images} images, settings {result['settings_hash']})")
+
+    main()
+
+
+if __name__ == "__main__":
+    _hydra_main()
