@@ -138,21 +138,24 @@ def _check_data(cfg: DictConfig) -> list[str]:
 
 
 def _check_meta(cfg: DictConfig, meta_path: Path) -> list[str]:
-    """Latent shape and class count of the shards against the model, when the shards say what they hold."""
+    """The shards' latent shape, class count and largest group (meta.json) against the model and N."""
     if not meta_path.is_file():
         return []
     meta = json.loads(meta_path.read_text())
-    shape = meta.get("latent_shape") or meta.get("shape")
+    root, model, n = cfg.data.root, cfg.model, cfg.diffusion.group_size
     problems = []
-    if isinstance(shape, list) and len(shape) == 3:
-        want = [cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size]
-        if list(shape) != want:
-            problems.append(f"data.root={cfg.data.root} holds latents of shape {shape} but the model expects "
-                            f"[model.in_channels, model.input_size, model.input_size] = {want}")
+    shape = meta.get("latent_shape")
+    want = [model.in_channels, model.input_size, model.input_size]
+    if shape is not None and list(shape) != want:
+        problems.append(f"data.root={root} holds latents of shape {list(shape)} but the model expects "
+                        f"[model.in_channels, model.input_size, model.input_size] = {want}")
     classes = meta.get("num_classes")
-    if isinstance(classes, int) and classes != cfg.model.num_classes:
-        problems.append(f"data.root={cfg.data.root} has num_classes={classes} but model.num_classes="
-                        f"{cfg.model.num_classes}")
+    if classes is not None and classes != model.num_classes:
+        problems.append(f"data.root={root} has num_classes={classes} but model.num_classes={model.num_classes}")
+    n_max = meta.get("n_max")
+    if n_max is not None and cfg.diffusion.mode != "none" and n > n_max:
+        problems.append(f"diffusion.group_size={n} but the shards in data.root={root} serve groups of at most "
+                        f"n_max={n_max}: rebuild them with n_max>={n}")
     return problems
 
 

@@ -1,0 +1,46 @@
+"""Helpers for the launcher tests: compose configs in-process, run `python -m gd.launch` in a subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def compose_cfg(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run_launch(*overrides: str, cwd: Path, env: dict[str, str] | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m gd.launch <overrides>` with the repo's interpreter, from `cwd` (run.root=runs is relative)."""
+    env = dict(env or os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "gd.launch", *overrides], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture()
+def launch_dir(tmp_path: Path) -> Path:
+    """A working directory for one launcher invocation; its runs/ is the run root."""
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path) -> Path:
+    """256 Fashion-MNIST images as 1x16x16 pixel latents with groups of up to 4, built once per session."""
+    base = tmp_path_factory.mktemp("launch-shards")
+    out = base / "shards"
+    build = subprocess.run([sys.executable, str(REPO / "tools" / "build_shards.py"), f"out={out}",
+                            f"work_dir={base / 'work'}", "limit=256", "image_size=16", "progress=false",
+                            f"sources.fashion_mnist.root={fashion_mnist_dir}"],
+                           cwd=base, capture_output=True, text=True, timeout=300, check=False)
+    assert build.returncode == 0, build.stderr[-3000:]
+    return out

@@ -1,0 +1,120 @@
+"""Config composition and validation: every experiment composes on both clusters, bad configs are rejected."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import open_dict
+
+from gd.launch import LaunchError
+from gd.launch.validate import validate, world_size
+from tests.launch.conftest import compose_cfg, run_launch
+
+EXPERIMENTS = ("demo", "sit_xl2_baseline", "groupdiff4", "groupdiff16")
+
+
+@pytest.mark.parametrize("cluster", ["local", "slurm"])
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_every_experiment_composes(cluster: str, exp: str) -> None:
+    cfg = compose_cfg(f"+cluster={cluster}", f"+exp={exp}")
+    assert cfg.cluster.kind == cluster
+    assert cfg.task == "train"
+    assert cfg.diffusion.group_size <= cfg.model.max_group_size
+    assert cfg.train.global_batch % cfg.diffusion.group_size == 0
+
+
+def test_groupdiff16_is_the_paper_recipe() -> None:
+    cfg = compose_cfg("+cluster=slurm", "+exp=groupdiff16")
+    assert cfg.model.name == "SiT-XL/2"
+    assert (cfg.model.in_channels, cfg.model.input_size, cfg.model.num_classes) == (4, 32, 1000)
+    assert (cfg.diffusion.mode, cfg.diffusion.group_size, cfg.diffusion.p_group) == ("l", 16, 0.1)
+    t = cfg.train
+    assert (t.global_batch, t.lr, t.ema_decay, t.precision, t.zero_stage) == (256, 1e-4, 0.9999, "bf16", 2)
+    assert cfg.data.root.startswith("s3://")
+    assert world_size(cfg.cluster) == 8
+
+
+def test_demo_is_tiny_cpu_groupdiff_l() -> None:
+    cfg = compose_cfg("+cluster=local", "+exp=demo")
+    assert (cfg.model.in_channels, cfg.model.num_classes, cfg.model.depth) == (1, 10, 2)
+    assert (cfg.diffusion.mode, cfg.diffusion.group_size) == ("l", 4)
+    assert cfg.train.precision == "fp32" and cfg.train.steps <= 1000
+    assert cfg.cluster.gpus_per_node == 0 and world_size(cfg.cluster) == 1
+
+
+def _rejection(*overrides: str) -> str:
+    cfg = compose_cfg(*overrides)
+    with open_dict(cfg):
+        cfg.launcher.check_data = False
+    with pytest.raises(LaunchError) as err:
+        validate(cfg)
+    return str(err.value)
+
+
+def test_group_size_must_divide_the_batch() -> None:
+    msg = _rejection("+cluster=slurm", "+exp=groupdiff16", "train.global_batch=250")
+    assert "train.global_batch=250 is not divisible by diffusion.group_size=16" in msg
+
+
+def test_more_gpus_than_groups_in_the_batch() -> None:
+    msg = _rejection("+cluster=slurm", "+exp=groupdiff16", "cluster.nodes=4", "train.micro_batch=16")
+    assert "32 processes" in msg and "only 16 groups" in msg
+
+
+def test_micro_batch_times_world_must_divide_the_batch() -> None:
+    msg = _rejection("+cluster=slurm", "+exp=groupdiff4", "cluster.nodes=2")
+    assert "not a multiple of 16 processes" in msg and "= 512" in msg
+
+
+def test_group_larger_than_the_model_allows() -> None:
+    msg = _rejection("+cluster=local", "+exp=demo", "diffusion.group_size=8")
+    assert "exceeds model.max_group_size=4" in msg
+
+
+def test_local_cluster_is_one_node() -> None:
+    msg = _rejection("+cluster=local", "+exp=demo", "cluster.nodes=2")
+    assert "cluster.nodes=2" in msg
+
+
+def test_missing_local_data_path(tmp_path: Path) -> None:
+    cfg = compose_cfg("+cluster=local", "+exp=demo", f"data.root={tmp_path}/nope")
+    with pytest.raises(LaunchError, match=f"data.root={tmp_path}/nope does not exist"):
+        validate(cfg)
+
+
+def test_shards_that_do_not_fit_the_model(tiny_shards: Path) -> None:
+    cfg = compose_cfg("+cluster=local", "+exp=demo", f"data.root={tiny_shards}", "model.input_size=32")
+    with pytest.raises(LaunchError, match=r"shape \[1, 16, 16\] but the model expects .* = \[1, 32, 32\]"):
+        validate(cfg)
+
+
+def test_missing_s3_data_path(s3_bucket: str) -> None:
+    cfg = compose_cfg("+cluster=slurm", "+exp=groupdiff4", f"data.root=s3://{s3_bucket}/none")
+    with pytest.raises(LaunchError, match=f"s3://{s3_bucket}/none/plain/index.json not found"):
+        validate(cfg)
+
+
+def test_cfg_job_prints_the_composed_config(launch_dir: Path) -> None:
+    out = run_launch("+cluster=slurm", "+exp=groupdiff16", "--cfg", "job", cwd=launch_dir)
+    assert out.returncode == 0, out.stderr
+    assert "group_size: 16" in out.stdout and "kind: slurm" in out.stdout and "task: train" in out.stdout
+
+
+def test_unknown_key_is_rejected_before_anything_runs(launch_dir: Path) -> None:
+    out = run_launch("+cluster=local", "+exp=demo", "train.lr_warmup=10", cwd=launch_dir)
+    assert out.returncode != 0
+    assert "Key 'lr_warmup' is not in struct" in out.stderr
+    assert not (launch_dir / "runs").exists()
+
+
+def test_bad_config_exits_with_a_readable_message(launch_dir: Path) -> None:
+    out = run_launch("+cluster=local", "+exp=demo", "train.global_batch=30", cwd=launch_dir)
+    assert out.returncode == 2
+    assert "rejected, nothing was submitted" in out.stderr and "train.global_batch=30" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (launch_dir / "runs" / "demo" / "submitit").exists()
+
+
+def test_no_cluster_chosen(launch_dir: Path) -> None:
+    out = run_launch("+exp=demo", cwd=launch_dir)
+    assert out.returncode == 2 and "+cluster=local" in out.stderr
