@@ -1,0 +1,75 @@
+"""faiss retrieval against a brute-force float64 reference; tau filter, fallback order, group draws, stats."""
+import numpy as np
+import pytest
+
+from gd.data.embedders import build_embedder, l2_normalize
+from gd.data.grouping import build_index, draw_group, group_stats, order_candidates, search_neighbours
+
+
+def _reference_knn(x: np.ndarray, k: int):
+    x = x.astype(np.float64)
+    nbrs, sims = [], []
+    for i in range(len(x)):
+        s = [(float(np.dot(x[i], x[j])), j) for j in range(len(x)) if j != i]
+        s.sort(key=lambda t: -t[0])
+        nbrs.append([j for _, j in s[:k]])
+        sims.append([v for v, _ in s[:k]])
+    return np.array(nbrs), np.array(sims)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_search_matches_brute_force(kind):
+    x = l2_normalize(np.random.default_rng(0).standard_normal((120, 16)))
+    index = build_index(x, kind, nlist=4, nprobe=4)          # nprobe = nlist: IVF is exact too
+    nbr, sim = search_neighbours(index, x, np.arange(120), 5)
+    ref_n, ref_s = _reference_knn(x, 5)
+    np.testing.assert_allclose(sim, ref_s, atol=1e-5)
+    assert (nbr == ref_n).mean() > 0.99                      # ties aside, the same neighbours
+    assert not (nbr == np.arange(120)[:, None]).any()
+
+
+def test_tau_filter_and_class_fallback_order():
+    nbr = np.array([[1, 2, 3, 4]])
+    sim = np.array([[0.9, 0.6, 0.5, 0.4]], np.float32)
+    labels = np.array([0, 1, 1, 0, 0])
+    n, s, c = order_candidates(nbr, sim, labels, labels[[0]], 0.7, "topk")
+    assert c.tolist() == [1] and n.tolist() == [[1, 2, 3, 4]]
+    n, s, c = order_candidates(nbr, sim, labels, labels[[0]], 0.7, "class")
+    assert c.tolist() == [1] and n.tolist() == [[1, 3, 4, 2]] and s.tolist()[0][:2] == pytest.approx([0.9, 0.5])
+
+
+def test_draw_group_uses_only_passing_or_flags_fallback():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        slots, fb = draw_group(5, 8, 4, rng)
+        assert not fb and len(set(slots.tolist())) == 3 and slots.max() < 5
+    slots, fb = draw_group(1, 8, 4, rng)
+    assert fb and slots.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="larger k"):
+        draw_group(0, 2, 4, rng)
+
+
+def test_stats():
+    count = np.array([0, 3, 3, 5])
+    sim = np.array([[0.5, 0.1], [0.9, 0.8], [0.75, 0.72], [0.99, 0.98]], np.float32)
+    st = group_stats(count, sim, k=5, n_max=4, tau=0.7)
+    assert st["neighbour_count_hist"] == [1, 0, 0, 2, 0, 1]
+    assert st["fallback_rate"] == 0.25
+    assert st["mean_similarity_passing"] == pytest.approx(np.mean([0.9, 0.8, 0.75, 0.72, 0.99, 0.98]), abs=1e-6)
+
+
+def test_embedders_are_unit_norm_and_ablations_behave():
+    imgs = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    labels, ids = np.array([0, 0, 1, 1, 2, 2]), np.arange(6)
+    for name in ("pixels", "class", "random"):
+        e = build_embedder(name, num_classes=3).embed(imgs, labels, ids)
+        np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    e = build_embedder("class", num_classes=3).embed(imgs, labels, ids)
+    assert e[0] @ e[1] > 0.9 and abs(e[0] @ e[2]) < 0.2
+
+
+def test_model_embedders_fail_fast_without_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="open_clip checkpoint"):
+        build_embedder("clip", checkpoint=str(tmp_path / "clip.bin"))
+    with pytest.raises(FileNotFoundError, match="hubconf.py"):
+        build_embedder("dinov2", repo=str(tmp_path))
