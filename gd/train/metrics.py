@@ -1,0 +1,114 @@
+"""Training observability: throughput, FLOP/s and MFU, a JSONL log, tensorboard and a progress bar (rank 0).
+
+FLOPs are analytic (``gd.models.flops.forward_flops``, group attention over N*L keys included), x3 for a
+training step (forward + backward), counted per step at that step's group size.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class Throughput:
+    """Images/s, TFLOP/s per device and MFU over a window of steps."""
+
+    def __init__(self, model: torch.nn.Module, world_size: int, peak_tflops: float) -> None:
+        from gd.models.flops import forward_flops
+
+        self._fwd = lambda n: forward_flops(model, group_size=n)
+        self._cache: dict[int, float] = {}
+        self.world_size = world_size
+        self.peak_tflops = float(peak_tflops)
+        self.reset()
+
+    def train_flops_per_image(self, group_size: int) -> float:
+        if group_size not in self._cache:
+            self._cache[group_size] = 3.0 * self._fwd(group_size)
+        return self._cache[group_size]
+
+    def reset(self) -> None:
+        self.images = 0
+        self.flops = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, images: int, group_size: int) -> None:
+        """Record one optimizer step of ``images`` images (all ranks) at ``group_size``."""
+        self.images += images
+        self.flops += images * self.train_flops_per_image(group_size)
+
+    def read(self) -> dict[str, float]:
+        """Window statistics since the last reset, then reset."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        tflops = self.flops / dt / 1e12 / self.world_size
+        out = {"img_per_s": self.images / dt, "tflops_per_device": tflops,
+               "mfu": tflops / self.peak_tflops if self.peak_tflops > 0 else math.nan}
+        self.reset()
+        return out
+
+
+class MetricsLogger:
+    """Rank-0 sink: ``metrics.jsonl`` (one JSON object per logged step), tensorboard under ``tb/``, tqdm bar."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool, total_steps: int, start_step: int,
+                 progress: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.truncate(start_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1)
+        except ImportError:
+            self._tb = None
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                             mininterval=5.0)
+
+    def truncate(self, step: int) -> None:
+        """Drop records after ``step`` (a resumed run re-does those steps and logs them again)."""
+        if not self.path.is_file():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    self._tb.add_scalar(f"train/{key}", value, step)
+        if self._bar is not None and "loss" in values:
+            self._bar.set_postfix(loss=f"{values['loss']:.4f}",
+                                  ips=f"{values.get('img_per_s', float('nan')):.1f}", refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
