@@ -1,0 +1,119 @@
+"""Resumability: a build killed mid-stage (SIGKILL) and re-run gives the same shards; a loader stopped mid-epoch
+and restored from its state_dict yields exactly the remaining samples (and the same groups)."""
+import gc
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from streaming.base.util import clean_stale_shared_memory
+
+from gd.data.build import Builder, config_from_dict
+from gd.data.loader import build_loaders
+
+REPO = Path(__file__).resolve().parents[2]
+OVERRIDES = ["limit=240", "chunk_size=40", "progress=false", "k=6", "tau=0.9"]
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "meta.json"}
+
+
+def _run_until(args: list[str], marker: Path, timeout: float = 120) -> None:
+    """Start the CLI build and SIGKILL it as soon as `marker` appears (mid-stage: the delay keeps chunks slow)."""
+    proc = subprocess.Popen([sys.executable, "tools/build_shards.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"build finished before {marker.name} could be interrupted: {proc.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, "build too slow"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _build_in_process(overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("build_shards", overrides=overrides)
+    return Builder(config_from_dict(OmegaConf.to_container(cfg, resolve=True))).run()
+
+
+def test_killed_build_resumes_to_identical_shards(tmp_path):
+    _build_in_process([*OVERRIDES, f"out={tmp_path / 'ref'}", f"work_dir={tmp_path / 'ref_work'}"])
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = [*OVERRIDES, f"out={out}", f"work_dir={work}"]
+    _run_until([*args, "chunk_delay_s=0.25"], work / "encode" / "chunk-00002.done")
+    assert not (work / "encode" / "chunk-00005.done").exists()
+    _run_until([*args, "chunk_delay_s=0.1"], work / "write" / "chunk-00002.json")
+    assert not (out / "meta.json").exists() and not (work / "write" / "chunk-00005.json").exists()
+    _build_in_process(args)                                  # the third run completes what is left
+
+    ref_hashes, hashes = _tree_hashes(tmp_path / "ref"), _tree_hashes(out)
+    assert len(ref_hashes) > 4 and hashes == ref_hashes
+    meta, ref_meta = (json.loads((d / "meta.json").read_text()) for d in (out, tmp_path / "ref"))
+    meta.pop("build_id"), ref_meta.pop("build_id")
+    assert meta == ref_meta and meta["num_records"] == 240
+
+
+def test_changed_settings_in_same_work_dir_are_refused(tmp_path):
+    common = ["limit=40", "progress=false", f"out={tmp_path}/o", f"work_dir={tmp_path}/w"]
+    _build_in_process([*common, "stages=[read]"])
+    with pytest.raises(ValueError, match="image_size"):
+        _build_in_process([*common, "image_size=32"])
+
+
+def _epoch(loaders, stop_after=None, state=None):
+    """Iterate (plain, group) loaders; returns id batches and, if stopped early, their state dicts."""
+    out, states = [], []
+    for loader, st, n in zip(loaders, state or (None, None), stop_after or (None, None)):
+        if st is not None:
+            loader.load_state_dict(st)
+        batches = []
+        for i, b in enumerate(loader):
+            batches.append(b["id"])
+            if n is not None and i + 1 == n:
+                break
+        out.append(batches)
+        states.append(loader.state_dict())
+    return out, states
+
+
+def test_loader_resumes_mid_epoch_exactly(local_shards):
+    root, meta = local_shards
+    cfg = {"root": str(root), "shuffle": True, "num_workers": 0, "drop_last": False}
+
+    def make():
+        clean_stale_shared_memory()
+        return build_loaders(cfg, group_size=4, micro_batch=8, seed=5, rank=0, world_size=1)
+
+    def release(loaders):
+        del loaders[:]
+        gc.collect()
+
+    loaders = list(make())
+    (ref_plain, ref_group), _ = _epoch(loaders)
+    release(loaders)
+    loaders = list(make())
+    (head_plain, head_group), states = _epoch(loaders, stop_after=(5, 3))
+    release(loaders)
+    loaders = list(make())
+    (tail_plain, tail_group), _ = _epoch(loaders, state=states)
+    release(loaders)
+
+    n = meta["num_records"]
+    full_plain = torch.cat(head_plain + tail_plain)
+    assert len(head_plain) == 5 and torch.equal(full_plain, torch.cat(ref_plain))
+    assert sorted(full_plain.tolist()) == sorted(set(full_plain.tolist())) and len(full_plain) == n
+    assert len(head_group) == 3 and torch.equal(torch.cat(head_group + tail_group), torch.cat(ref_group))
