@@ -25,12 +25,14 @@ def _world() -> tuple[int, int]:
 class ShardedEMA:
     """``ema = decay * ema + (1 - decay) * param`` in fp32 over all of ``module``'s named parameters."""
 
-    def __init__(self, module: torch.nn.Module, decay: float, zero3: bool = False) -> None:
+    def __init__(self, module: torch.nn.Module, decay: float, zero3: bool = False,
+                 rank_world: tuple[int, int] | None = None) -> None:
+        """``rank_world`` overrides the process group's (rank, world size), e.g. to lay out shards in a test."""
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"train.ema_decay={decay}: expected a value in [0, 1]")
         self.decay = float(decay)
         self.zero3 = zero3
-        self.rank, self.world = _world()
+        self.rank, self.world = rank_world or _world()
         self.params = list(module.named_parameters())
         self.shapes = {name: tuple(p.ds_shape if zero3 else p.shape) for name, p in self.params}
         self.numels = {name: math.prod(shape) for name, shape in self.shapes.items()}
@@ -78,8 +80,9 @@ class ShardedEMA:
         if self.world == 1:
             gathered = self.flat.unsqueeze(0)
         else:
-            gathered = torch.empty(self.world, self.flat.numel(), dtype=self.flat.dtype, device=self.flat.device)
+            gathered = torch.empty(self.world * self.flat.numel(), dtype=self.flat.dtype, device=self.flat.device)
             dist.all_gather_into_tensor(gathered, self.flat)
+            gathered = gathered.view(self.world, -1)
         state = {}
         for name, _ in self.params:
             off, chunk = self.offsets[name], self.chunks[name]

@@ -1,0 +1,186 @@
+"""Single-process checks of the trainer's components: config generation and validation, the EMA against a float64
+loop, the non-finite guard, and (world of 1, in-process DeepSpeed) NaN skipping and stop/resume."""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gd.train.checkpoint import CheckpointMismatchError, model_signature
+from gd.train.ema import ShardedEMA
+from gd.train.engine import GuardedAdamW, batch_layout, deepspeed_config
+from tests.train.conftest import overrides
+
+
+def compose(*args: str):
+    from gd.train.__main__ import compose_config
+
+    return compose_config(list(args))
+
+
+# ---- config ------------------------------------------------------------------------------------------------
+def test_layout_and_deepspeed_config():
+    t = {"global_batch": 256, "micro_batch": 32, "zero_stage": 3, "precision": "bf16", "grad_clip": 1.0}
+    layout = batch_layout(t, world_size=4, group_size=16)
+    assert layout.grad_accum == 2
+    ds = deepspeed_config(t, layout)
+    assert ds["train_batch_size"] == 256 and ds["train_micro_batch_size_per_gpu"] == 32
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 1.0
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
+    assert ds["zero_allow_untested_optimizer"]
+    auto = deepspeed_config({**t, "precision": "bf16_autocast", "zero_stage": 0,
+                             "deepspeed": {"zero_optimization": {"stage": 1}}}, layout)
+    assert auto["torch_autocast"]["enabled"] and "bf16" not in auto
+    assert auto["zero_optimization"]["stage"] == 1  # train.deepspeed has the last word
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        deepspeed_config({**t, "precision": "fp16"}, layout)
+
+
+@pytest.mark.parametrize("global_batch,micro,world,n,needle", [
+    (256, 48, 2, 4, "global_batch=256 is not divisible by train.micro_batch=48 x world size 2"),
+    (256, 32, 3, 4, "world size 3 = 96"),
+    (256, 32, 2, 3, "micro_batch=32 images is not divisible by diffusion.group_size=3"),
+])
+def test_layout_rejects_bad_batches(global_batch, micro, world, n, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("=", "=")):
+        batch_layout({"global_batch": global_batch, "micro_batch": micro}, world, n)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["train.global_batch=12", "train.micro_batch=8"], "global_batch=12 is not divisible by train.micro_batch=8"),
+    (["train.micro_batch=6", "train.global_batch=12"], "micro_batch=6 images is not divisible by diffusion.group_size=4"),
+])
+def test_train_fails_before_any_work(tmp_path, extra, needle):
+    from gd.train.loop import train
+
+    run = tmp_path / "run"
+    cfg = compose(*overrides(tmp_path / "no-shards", run, *extra))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=needle):
+        train(cfg)
+    assert time.perf_counter() - start < 5 and not run.exists()
+
+
+def test_refuses_checkpoint_of_another_model(tmp_path):
+    from gd.train.loop import train
+
+    run = tmp_path / "run"
+    other = compose(*overrides(tmp_path, run, "model.hidden_size=96"))
+    ckpt = run / "checkpoints" / "step_00000008"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"step": 8, "world_size": 1,
+                                                "model_signature": model_signature(other.model)}))
+    (run / "checkpoints" / "latest").write_text("step_00000008\n")
+    with pytest.raises(CheckpointMismatchError, match="hidden_size: checkpoint 96 vs config 64"):
+        train(compose(*overrides(tmp_path, run)))
+
+
+# ---- EMA ---------------------------------------------------------------------------------------------------
+def test_sharded_ema_matches_float64_loop():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+    decay, world = 0.8, 3
+    shards = [ShardedEMA(model, decay, rank_world=(r, world)) for r in range(world)]
+    ref = {k: v.detach().double().clone() for k, v in model.named_parameters()}
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        for e in shards:
+            e.update()
+        for k, p in model.named_parameters():
+            for i in range(p.numel()):  # explicit loop: ema = d * ema + (1 - d) * p
+                ref[k].view(-1)[i] = decay * ref[k].view(-1)[i] + (1 - decay) * float(p.detach().view(-1)[i])
+    gathered = torch.stack([e.local_state() for e in shards])  # what all_gather would assemble
+    for name, _ in model.named_parameters():
+        e = shards[0]
+        full = gathered[:, e.offsets[name]:e.offsets[name] + e.chunks[name]].reshape(-1)[:e.numels[name]]
+        torch.testing.assert_close(full.double().view(e.shapes[name]), ref[name], rtol=1e-6, atol=1e-6)
+    single = ShardedEMA(model, decay)
+    state = {k: v.float() for k, v in ref.items()}
+    single.load_full_state(state)
+    for k, v in single.full_state().items():
+        assert torch.equal(v, state[k])
+    with pytest.raises(ValueError, match="missing"):
+        single.load_full_state({})
+
+
+# ---- non-finite guard ----------------------------------------------------------------------------------------
+def test_guarded_adamw_skips_nonfinite_and_matches_adamw_otherwise():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    b.load_state_dict(a.state_dict())
+    guard = GuardedAdamW(a.parameters(), partitioned=False, lr=1e-2, weight_decay=0.1)
+    plain = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(2):
+        for m, opt in ((a, guard), (b, plain)):
+            opt.zero_grad()
+            m(torch.ones(2, 4)).pow(2).sum().backward()
+            opt.step()
+    assert not guard.last_skipped and math.isfinite(guard.last_grad_norm)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    before = [p.detach().clone() for p in a.parameters()]
+    guard.zero_grad()
+    a(torch.full((2, 4), float("nan"))).sum().backward()
+    guard.step()
+    assert guard.last_skipped and guard.skipped_total == 1
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+    assert all(s["step"] == 2 for s in guard.state.values())
+
+
+# ---- in-process DeepSpeed (world of 1) ----------------------------------------------------------------------------
+def _free_streaming():
+    from streaming.base.util import clean_stale_shared_memory
+
+    gc.collect()
+    clean_stale_shared_memory()
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_then_stop(fm_shards, tmp_path):
+    from gd.train.loop import NonFiniteError, train
+
+    run = tmp_path / "nan"
+    base = overrides(fm_shards, run, "train.global_batch=8", "train.steps=6", "train.ckpt_every=100")
+    result = train(compose(*base, "train.debug.nan_steps=[2,3]", "train.max_nonfinite=3"))
+    _free_streaming()
+    assert result["skipped_steps"] == 2 and math.isfinite(result["loss"])
+    recs = {r["step"]: r for r in _records(run) if "loss" in r}
+    assert recs[2]["skipped_steps"] == 0 and recs[3]["skipped_steps"] == 1 and recs[4]["skipped_steps"] == 2
+    assert all(math.isfinite(r["loss"]) for r in recs.values() if r["step"] not in (3, 4))
+    ema = torch.load(run / "ema.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in ema.values())
+
+    run2 = tmp_path / "nan_stop"
+    with pytest.raises(NonFiniteError, match="2 consecutive steps"):
+        train(compose(*overrides(fm_shards, run2, "train.global_batch=8", "train.steps=6",
+                                 "train.debug.nan_steps=[1,2,3]", "train.max_nonfinite=2")))
+    _free_streaming()
+
+
+@pytest.mark.slow
+def test_stop_requested_checkpoints_and_resumes(fm_shards, tmp_path):
+    from gd.train.loop import train
+
+    run = tmp_path / "stop"
+    cfg = compose(*overrides(fm_shards, run, "train.global_batch=8", "train.steps=6", "train.ckpt_every=100"))
+    polls = iter(range(100))
+    result = train(cfg, stop_requested=lambda: next(polls) >= 2)
+    _free_streaming()
+    assert result["preempted"] and result["step"] == 3
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert not (run / "ema.pt").exists()
+    result = train(cfg)
+    _free_streaming()
+    assert not result["preempted"] and result["step"] == 6 and (run / "ema.pt").is_file()
+    assert [r["step"] for r in _records(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
