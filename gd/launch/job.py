@@ -71,5 +71,7 @@ def _export_environment(cfg: DictConfig) -> None:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     if cfg.cluster.gpus_per_node == 0:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # One rank per GPU or per CPU slice: torch's default of one thread per core oversubscribes the node.
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.cluster.cpus_per_task))
     for key, value in OmegaConf.to_container(cfg.cluster.env, resolve=True).items():
         os.environ[str(key)] = str(value)

@@ -50,8 +50,7 @@ def launch(cfg: DictConfig) -> int:
     executor = make_executor(cfg, folder)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(run_dir / "launch.yaml", OmegaConf.to_yaml(cfg))
-    with submitit.helpers.clean_env():
-        job = executor.submit(RunJob(cfg))
+    job = _submit(executor, cfg)
     _append_launch(run_dir, cfg, job.job_id, folder)
     rank0 = job.task(0)
     print(f"gd.launch: run {cfg.run.name} ({cfg.task}) submitted as {cfg.cluster.kind} job {job.job_id}, "
@@ -91,6 +90,19 @@ def make_executor(cfg: DictConfig, folder: Path) -> submitit.AutoExecutor:
     except (ValueError, NameError, AssertionError) as err:
         raise LaunchError(f"cluster settings rejected by submitit: {err}") from err
     return executor
+
+
+def _submit(executor: submitit.AutoExecutor, cfg: DictConfig) -> submitit.Job:
+    """Submits with the caller's SLURM/torch.distributed variables hidden (a launch from inside a job must not
+    inherit its allocation), except SLURM_CONF, which says where the cluster is."""
+    conf = os.environ.get("SLURM_CONF")
+    with submitit.helpers.clean_env():
+        if conf:
+            os.environ["SLURM_CONF"] = conf
+        try:
+            return executor.submit(RunJob(cfg))
+        except submitit.core.utils.FailedJobError as err:
+            raise LaunchError(f"the {cfg.cluster.kind} scheduler refused the job:\n{err}") from err
 
 
 def dry_run(cfg: DictConfig, folder: Path) -> str:
