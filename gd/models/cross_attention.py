@@ -13,9 +13,11 @@ would be large for N = 2 and grow with the cross-sample mass alone; subtracting 
 mass measures focus on the most similar neighbour, which is what the paper correlates with FID. Values are
 fractions in [0, 1] (the paper prints percentages).
 
-Computed from one forward pass: the inputs of the chosen layers' attention are captured and the attention
-probabilities recomputed explicitly (fp32, in query chunks, the math path), with the group pattern the model
-actually used: a layer outside ``group_layers``, or a group outside ``group_t_window``, scores 0.
+Computed during one forward pass: at each chosen layer the attention probabilities are recomputed from the
+layer's input explicitly (fp32, in query chunks, the math path), with the group pattern the model actually
+uses: a layer outside ``group_layers``, or a group outside ``group_t_window``, scores 0. The qkv projection is
+called as a module, so on a ZeRO-3-partitioned model its hooks gather the weights (an unpartitioned copy such
+as the EMA model avoids the extra gather).
 """
 from __future__ import annotations
 
@@ -66,11 +68,14 @@ def cross_attention_score(model: SiT, x: Tensor, t: Tensor, y: Tensor, group_siz
         raise ValueError(f"layers {bad} out of range: the model has blocks 0..{model.depth - 1}")
     if group_size < 2 or model.depth == 0:
         return {i: 0.0 for i in chosen}
-    captured: dict[int, tuple[Tensor, int, Tensor | None]] = {}
+    scores: dict[int, float] = {}
 
+    # Scored inside the pre-forward hook, so no layer's activations are kept beyond its own call.
     def make_hook(index: int):
         def hook(module: torch.nn.Module, args: tuple) -> None:
-            captured[index] = (args[0], args[1] if len(args) > 1 else 1, args[2] if len(args) > 2 else None)
+            n = args[1] if len(args) > 1 else 1
+            mask = args[2] if len(args) > 2 else None
+            scores[index] = 0.0 if n < 3 else _layer_score(module, args[0], n, mask)
         return hook
 
     handles = [model.blocks[i].attn.register_forward_pre_hook(make_hook(i)) for i in chosen]
@@ -82,8 +87,4 @@ def cross_attention_score(model: SiT, x: Tensor, t: Tensor, y: Tensor, group_siz
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    scores = {}
-    for i in chosen:
-        h, n, mask = captured[i]
-        scores[i] = 0.0 if n < 3 else _layer_score(model.blocks[i].attn, h, n, mask)
-    return scores
+    return {i: scores[i] for i in chosen}
