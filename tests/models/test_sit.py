@@ -272,3 +272,18 @@ def test_cuda_compile_fullgraph():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         a, b = compiled(x, t, y, group_size=2), model(x, t, y, group_size=2)
     assert (a - b).norm() / b.norm() < 3e-2
+
+
+def test_conf_model_files_build():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    files = sorted((Path(__file__).parents[2] / "conf" / "model").glob("*.yaml"))
+    assert files
+    for path in files:
+        cfg = OmegaConf.load(path)
+        cfg.group_layers = [0, 2]
+        with torch.device("meta"):
+            model = build_model(**cfg)
+        assert model.config["name"] == cfg.name and model.config["group_layers"] == [0, 2]
