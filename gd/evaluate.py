@@ -1,0 +1,150 @@
+"""FID-50K of a checkpoint: ``python -m gd.evaluate ckpt=<run.dir>/ema.pt metrics.reference=<ref> [...]``.
+
+Samples with gd.sample (resuming a partial sample folder), then on rank 0: Inception features of the samples
+(clean-fid's network, or fid-helper's offline copy, labelled), FID against the reference, Inception Score
+(when the network has its output layer) and k-NN precision/recall (when the reference has images). Writes a
+JSON with the checkpoint path and hash, the sampler settings, the config hash, the Inception provenance and
+the numbers. Metric settings default to conf/evaluate.yaml's ``metrics`` block (also under gd.launch's root
+config, which has none).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gd.metrics.fid import feature_stats, frechet_distance, inception_score, precision_recall, reference_features
+from gd.metrics.inception import InceptionExtractor, build_inception
+from gd.sample import Layout, _atomic_bytes, _paths, generate
+
+CONF = Path(__file__).resolve().parent.parent / "conf" / "evaluate.yaml"
+
+
+def metric_settings(cfg: DictConfig) -> DictConfig:
+    """conf/evaluate.yaml's ``metrics`` defaults overlaid with ``cfg.metrics`` (if any)."""
+    defaults = OmegaConf.load(CONF).metrics
+    given = cfg.get("metrics")
+    return OmegaConf.merge(defaults, given) if given is not None else defaults
+
+
+def _check_reference(m: DictConfig) -> None:
+    ref = m.get("reference")
+    if not ref:
+        raise ValueError("metrics.reference is not set: give an image folder, an .npz (ADM reference batch with "
+                         "arr_0, or mu/sigma) or cleanfid:<name>:<res>:<split>")
+    ref = str(ref)
+    if not ref.startswith("cleanfid:") and not Path(ref).expanduser().exists():
+        raise FileNotFoundError(f"metrics.reference={ref!r} does not exist")
+
+
+def config_hash(cfg: DictConfig, m: DictConfig) -> str:
+    """sha256 of the resolved model / diffusion / sample / metrics config (what defines the reported number)."""
+    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "diffusion", "sample") if k in cfg}
+    parts["metrics"] = OmegaConf.to_container(m, resolve=True)
+    parts["ckpt"] = str(cfg.get("ckpt") or cfg.sample.get("ckpt"))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sample_features(out: Path, layout: Layout, extractor: InceptionExtractor, batch_size: int,
+                    progress: bool) -> np.ndarray:
+    """Inception features of all samples in output order, chunk by chunk (never the whole array in memory);
+    cached next to the samples per extractor provenance."""
+    key = hashlib.sha256(json.dumps(extractor.describe(), sort_keys=True).encode()).hexdigest()[:12]
+    cache = out / f"features_{key}.npy"
+    if cache.is_file():
+        return np.load(cache)
+    feats = []
+    from tqdm import tqdm
+
+    for k in tqdm(range(layout.num_chunks), desc="Inception features", unit="chunk", disable=not progress):
+        feats.append(extractor.images_features(np.load(_paths(out, k)[0])["images"], batch_size=batch_size))
+    feats = np.concatenate(feats)
+    buf_path = cache.with_name(f".{cache.name}.tmp.{os.getpid()}")
+    with open(buf_path, "wb") as fh:
+        np.save(fh, feats)
+    os.replace(buf_path, cache)
+    return feats
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Sample (all ranks) then compute and write the metrics (rank 0). Returns the JSON dict (rank 0)."""
+    m = metric_settings(cfg)
+    _check_reference(m)
+    rank = int(os.environ.get("RANK", 0))
+    device = torch.device("cuda" if m.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if m.device == "auto" else m.device))
+    extractor = build_inception(m.inception, m.mode, m.get("inception_path"), device) if rank == 0 else None
+    started = time.time()
+    sampled = generate(cfg)
+    if rank != 0:
+        return sampled
+    s = cfg.sample
+    out = Path(sampled["out"])
+    settings = sampled["settings"]
+    layout = Layout(settings["num_images"], settings["num_classes"], settings["group_size"],
+                    settings["batch_groups"])
+    progress = bool(s.get("progress", True))
+    feats = sample_features(out, layout, extractor, int(m.batch_size), progress)
+    gen = feature_stats(feats)
+    ref = reference_features(str(m.reference), extractor, batch_size=int(m.batch_size), cache_dir=m.get("cache_dir"),
+                             use_precomputed=bool(m.use_precomputed), max_images=m.get("reference_max_images"),
+                             progress=progress)
+    result = {
+        "ckpt": settings["ckpt"],
+        "ckpt_sha256": settings["ckpt_sha256"],
+        "samples": sampled["npz"],
+        "num_images": len(feats),
+        "sampler": {k: settings[k] for k in ("mode", "group_size", "method", "steps", "cfg_scale", "cfg_interval",
+                                             "cfg_channels", "batch_groups", "seed", "precision", "decoder")},
+        "settings_hash": sampled["settings_hash"],
+        "config_hash": config_hash(cfg, m),
+        "inception": extractor.describe(),
+        "reference": {"spec": str(m.reference), "source": ref.source, "num_images": ref.num},
+        "fid": frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma),
+    }
+    result["fid_label"] = f"FID ({extractor.label}, {extractor.mode})"
+    logits = extractor.logits(feats) if m.inception_score else None
+    if logits is not None:
+        mean, std = inception_score(logits)
+        result["inception_score"] = {"mean": mean, "std": std}
+    else:
+        result["inception_score"] = None
+        result["inception_score_note"] = ("disabled" if not m.inception_score else
+                                          "the Inception source has no output layer (fid-helper's file drops it)")
+    if m.precision_recall and ref.feats is not None:
+        rng = np.random.default_rng(0)
+        cap = int(m.pr_max_images)
+        real = ref.feats if len(ref.feats) <= cap else ref.feats[rng.choice(len(ref.feats), cap, replace=False)]
+        fake = feats if len(feats) <= cap else feats[rng.choice(len(feats), cap, replace=False)]
+        p, r = precision_recall(real, fake, k=int(m.pr_k))
+        result.update(precision=p, recall=r, pr_k=int(m.pr_k), pr_num=[len(real), len(fake)])
+    else:
+        result.update(precision=None, recall=None)
+    result["seconds"] = round(time.time() - started, 1)
+    path = Path(str(m.out)) if m.get("out") else out / f"eval_{extractor.source}_{extractor.mode}.json"
+    _atomic_bytes(path, json.dumps(result, indent=2).encode())
+    result["json"] = str(path)
+    return result
+
+
+def _hydra_main() -> None:
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+    def main(cfg: DictConfig) -> None:
+        result = evaluate(cfg)
+        if "fid" in result:
+            print(f"{result['fid_label']}: {result['fid']:.4f}  ({result['num_images']} samples vs "
+                  f"{result['reference']['spec']})  -> {result['json']}")
+
+    main()
+
+
+if __name__ == "__main__":
+    _hydra_main()
