@@ -6,7 +6,7 @@ writes, per chunk, its arrays to `<work_dir>/<stage>/chunk-XXXXX.*.npy` (temp fi
 duplicated, and an interrupted build yields the same shards as an uninterrupted one. Chunk c belongs to rank
 c % world, so read/encode/embed (and retrieve/write) split over processes, GPUs, array tasks or machines that
 share `work_dir`. retrieve needs every embed chunk and write needs every encode/retrieve chunk; a rank that
-finds them missing stops with the list of missing chunks. The rank that completes the last write partition
+finds them missing waits up to `wait_timeout_s` for the other ranks, then stops with the list of missing chunks. The rank that completes the last write partition
 writes index.json and meta.json.
 """
 from __future__ import annotations
@@ -65,6 +65,7 @@ class BuildConfig:
     rank: int = 0
     world: int = 1
     chunk_delay_s: float = 0.0
+    wait_timeout_s: float = 0.0
     progress: bool = True
 
     def validate(self) -> None:
@@ -160,7 +161,13 @@ class Builder:
         return range(c * self.cfg.chunk_size, min(len(self.source), (c + 1) * self.cfg.chunk_size))
 
     def _require(self, stage: str, needed: str) -> None:
-        missing = [c for c in range(self.num_chunks) if not self.done(needed, c)]
+        """All chunks of `needed` must exist; wait up to wait_timeout_s for other ranks to produce them."""
+        deadline = time.monotonic() + self.cfg.wait_timeout_s
+        while True:
+            missing = [c for c in range(self.num_chunks) if not self.done(needed, c)]
+            if not missing or time.monotonic() >= deadline:
+                break
+            time.sleep(min(5.0, max(0.05, deadline - time.monotonic())))
         if missing:
             show = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
             raise RuntimeError(f"stage {stage} needs every {needed} chunk, missing {len(missing)} of "
@@ -419,5 +426,6 @@ def config_from_dict(d: dict) -> BuildConfig:
         tau=float(d["tau"]), fallback=d["fallback"], index=dict(d.get("index") or {}),
         chunk_size=int(d["chunk_size"]), batch_size=int(d["batch_size"]), shard_size=str(d["shard_size"]),
         stages=tuple(d["stages"]), rank=int(d["rank"]), world=int(d["world"]),
-        chunk_delay_s=float(d.get("chunk_delay_s") or 0.0), progress=bool(d.get("progress", True)),
+        chunk_delay_s=float(d.get("chunk_delay_s") or 0.0), wait_timeout_s=float(d.get("wait_timeout_s") or 0.0),
+        progress=bool(d.get("progress", True)),
     )

@@ -19,7 +19,7 @@ from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base.world import World
 
 from gd.data import storage
-from gd.data.grouping import draw_group
+from gd.data.grouping import draw_group, hash_uniform
 
 
 def check_dataset(root: str) -> dict:
@@ -42,8 +42,14 @@ def check_dataset(root: str) -> dict:
     return storage.read_json(storage.join(root, "meta.json"), client)
 
 
-def _seeded_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed), int(epoch), int(index)])
+def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack numpy fields batch-wise and cast latents to float32 once per batch (cheaper than per sample)."""
+    out = {}
+    for key in samples[0]:
+        arr = np.stack([s[key] for s in samples])
+        # numpy's cast, not torch's: torch's multi-threaded half->float stalls when the main process shares cores.
+        out[key] = torch.from_numpy(arr.astype(np.float32) if key == "latent" else arr)
+    return out
 
 
 class _EpochAware(StreamingDataset):
@@ -58,7 +64,8 @@ class _EpochAware(StreamingDataset):
 
 
 class PlainDataset(_EpochAware):
-    """Samples {"latent": float32 (C,H,W), "label": int, "id": int}; with flip=True a seeded coin picks the flip."""
+    """Samples {"latent": float16 (C,H,W), "label", "id"} as numpy (collate casts to float32 per batch); with
+    flip=True a seeded coin picks the flipped latent."""
 
     def __init__(self, *, seed: int = 0, flip: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -67,13 +74,13 @@ class PlainDataset(_EpochAware):
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         s = super().get_item(sample_id, retry)
         lat = s["latent"]
-        if self.flip and "latent_flip" in s and _seeded_rng(self.seed, self.epoch, sample_id).random() < 0.5:
+        if self.flip and "latent_flip" in s and hash_uniform(self.seed, self.epoch, sample_id, 1)[0] < 0.5:
             lat = s["latent_flip"]
-        return {"latent": torch.from_numpy(lat.astype(np.float32)), "label": int(s["label"]), "id": int(s["id"])}
+        return {"latent": lat, "label": np.int64(s["label"]), "id": np.int64(s["id"])}
 
 
 class GroupDataset(_EpochAware):
-    """Samples of N members (anchor first): "latent" float32 (N,C,H,W), "label"/"id" long (N,), "sim" float32 (N,)
+    """Samples of N members (anchor first), numpy: "latent" float16 (N,C,H,W), "label"/"id" int64 (N,), "sim" (N,)
     (anchor 1.0), "fallback" bool (True when fewer than N-1 candidates passed tau and next-ranked ones were used)."""
 
     def __init__(self, *, group_size: int, seed: int = 0, flip: bool = False, **kwargs: Any) -> None:
@@ -84,17 +91,17 @@ class GroupDataset(_EpochAware):
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         s = super().get_item(sample_id, retry)
-        rng = _seeded_rng(self.seed, self.epoch, sample_id)
-        slots, fallback = draw_group(int(s["count"]), int(s["num_cand"]), self.group_size, rng)
-        use_flip = self.flip and "latent_flip" in s and rng.random() < 0.5
+        count = int(s["count"])
+        u = hash_uniform(self.seed, self.epoch, sample_id, count + 1)
+        slots, fallback = draw_group(count, int(s["num_cand"]), self.group_size, u)
+        use_flip = self.flip and "latent_flip" in s and u[count] < 0.5
         anchor, cands = (s["latent_flip"], s["cand_latent_flip"]) if use_flip else (s["latent"], s["cand_latent"])
-        latent = np.concatenate([anchor[None], cands[slots]]).astype(np.float32)
         return {
-            "latent": torch.from_numpy(latent),
-            "label": torch.from_numpy(np.concatenate([[s["label"]], s["cand_label"][slots]]).astype(np.int64)),
-            "id": torch.from_numpy(np.concatenate([[s["id"]], s["cand_id"][slots]]).astype(np.int64)),
-            "sim": torch.from_numpy(np.concatenate([[1.0], s["cand_sim"][slots]]).astype(np.float32)),
-            "fallback": bool(fallback),
+            "latent": np.concatenate([anchor[None], cands[slots]]),
+            "label": np.concatenate([[s["label"]], s["cand_label"][slots]]).astype(np.int64),
+            "id": np.concatenate([[s["id"]], s["cand_id"][slots]]).astype(np.int64),
+            "sim": np.concatenate([[1.0], s["cand_sim"][slots]]).astype(np.float32),
+            "fallback": np.bool_(fallback),
         }
 
 
@@ -145,7 +152,7 @@ def build_loaders(data_cfg: Mapping | Any, *, group_size: int, micro_batch: int,
                          **common)
     workers = int(_get(data_cfg, "num_workers", 0) or 0)
     drop_last = bool(_get(data_cfg, "drop_last", True))
-    loader_kw = dict(num_workers=workers, drop_last=drop_last, persistent_workers=workers > 0,
+    loader_kw = dict(num_workers=workers, drop_last=drop_last, persistent_workers=workers > 0, collate_fn=collate,
                      pin_memory=torch.cuda.is_available())
     return (StreamingDataLoader(plain, batch_size=micro_batch, **loader_kw),
             StreamingDataLoader(group, batch_size=n_groups, **loader_kw))

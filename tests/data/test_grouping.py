@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from gd.data.embedders import build_embedder, l2_normalize
-from gd.data.grouping import build_index, draw_group, group_stats, order_candidates, search_neighbours
+from gd.data.grouping import (build_index, draw_group, group_stats, hash_uniform, order_candidates,
+                             search_neighbours)
 
 
 def _reference_knn(x: np.ndarray, k: int):
@@ -39,14 +40,23 @@ def test_tau_filter_and_class_fallback_order():
 
 
 def test_draw_group_uses_only_passing_or_flags_fallback():
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        slots, fb = draw_group(5, 8, 4, rng)
+    seen = np.zeros(5)
+    for i in range(2000):
+        slots, fb = draw_group(5, 8, 4, hash_uniform(0, 1, i, 5))
         assert not fb and len(set(slots.tolist())) == 3 and slots.max() < 5
-    slots, fb = draw_group(1, 8, 4, rng)
+        seen[slots] += 1
+    np.testing.assert_allclose(seen / 2000, 3 / 5, atol=0.04)       # uniform over the passing candidates
+    slots, fb = draw_group(1, 8, 4, hash_uniform(0, 0, 0, 1))
     assert fb and slots.tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="larger k"):
-        draw_group(0, 2, 4, rng)
+        draw_group(0, 2, 4, hash_uniform(0, 0, 0, 1))
+
+
+def test_hash_uniform_is_deterministic_and_uniform():
+    u = np.concatenate([hash_uniform(3, e, i, 4) for e in range(2) for i in range(2000)])
+    assert ((u >= 0) & (u < 1)).all() and abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.003
+    np.testing.assert_array_equal(hash_uniform(3, 1, 7, 4), hash_uniform(3, 1, 7, 4))
+    assert not np.array_equal(hash_uniform(3, 1, 7, 4), hash_uniform(3, 2, 7, 4))
 
 
 def test_stats():

@@ -117,3 +117,18 @@ def test_loader_resumes_mid_epoch_exactly(local_shards):
     assert len(head_plain) == 5 and torch.equal(full_plain, torch.cat(ref_plain))
     assert sorted(full_plain.tolist()) == sorted(set(full_plain.tolist())) and len(full_plain) == n
     assert len(head_group) == 3 and torch.equal(torch.cat(head_group + tail_group), torch.cat(ref_group))
+
+
+def test_build_split_over_ranks_equals_single_build(tmp_path):
+    common = ["limit=120", "chunk_size=25", "progress=false"]
+    _build_in_process([*common, f"out={tmp_path}/single", f"work_dir={tmp_path}/w1"])
+    split = [*common, f"out={tmp_path}/split", f"work_dir={tmp_path}/w2"]
+    _build_in_process([*split, "rank=0", "world=2", "stages=[read,encode,embed]"])
+    with pytest.raises(RuntimeError, match=r"missing 2 of 5 \(1, 3\)"):
+        _build_in_process([*split, "rank=0", "world=2"])
+    _build_in_process([*split, "rank=1", "world=2", "stages=[read,encode,embed]"])
+    _build_in_process([*split, "rank=0", "world=2", "stages=[retrieve]"])
+    assert _build_in_process([*split, "rank=1", "world=2", "stages=[retrieve,write]"]) is None   # rank 0 unwritten
+    meta = _build_in_process([*split, "rank=0", "world=2", "stages=[write]"])                   # last one finalizes
+    assert meta["num_records"] == 120
+    assert _tree_hashes(tmp_path / "split") == _tree_hashes(tmp_path / "single")
