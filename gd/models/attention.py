@@ -129,7 +129,7 @@ class GroupAttention(nn.Module):
         if group_size == 1:
             out = _attend(qkv, self.num_heads, self.backend)
         else:
-            out = _attend(group_view(qkv, group_size), self.num_heads, self.backend).view(b, n, c)
+            out = _attend(group_view(qkv, group_size), self.num_heads, self.backend).reshape(b, n, c)
             if group_mask is not None:
                 per_image = _attend(qkv, self.num_heads, self.backend)
                 keep = group_mask.repeat_interleave(group_size).view(b, 1, 1)
