@@ -30,6 +30,7 @@ import tarfile
 import time
 import zipfile
 from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,23 +338,30 @@ def _paths(out: Path, chunk: int) -> tuple[Path, Path]:
     return out / "chunks" / f"chunk_{chunk:06d}.npz", out / "png" / f"chunk_{chunk:06d}.tar"
 
 
-def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = None) -> dict:
+def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = None, *,
+             model: torch.nn.Module | None = None, on_chunk: Callable[[int, int], None] | None = None) -> dict:
     """Generate this rank's unfinished chunks; rank 0 then waits for all chunks and writes samples.npz and the
-    grid. Returns {"out", "npz" (rank 0), "settings", "settings_hash", "generated", "skipped"}."""
+    grid. Returns {"out", "npz" (rank 0), "settings", "settings_hash", "generated", "skipped"}.
+
+    ``model`` (an in-memory SiT, e.g. for benchmarks) replaces loading ``ckpt``; ``on_chunk(chunk, images)`` is
+    called after each finished chunk (timing hooks)."""
     s = cfg.sample
     rank = _env_int("RANK", 0) if rank is None else rank
     world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     _check_sample_cfg(s)
-    ckpt = checkpoint_path(cfg)
+    ckpt = checkpoint_path(cfg) if model is None else None
     out = Path(str(s.out)).expanduser()
     device = _device(str(s.get("device", "auto")))
     if s.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    model, model_info = load_sampling_model(cfg, ckpt)
+    if model is None:
+        model, model_info = load_sampling_model(cfg, ckpt)
+    else:
+        model, model_info = model.eval().requires_grad_(False), {"config": dict(getattr(model, "config", {}))}
     num_classes = int(s.num_classes) if s.get("num_classes") is not None else int(model.num_classes)
     if num_classes != model.num_classes:
         raise ValueError(f"sample.num_classes={num_classes} but the checkpoint's model has {model.num_classes}")
@@ -362,7 +370,8 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
     if max(cond_n, uncond_n) > getattr(model, "max_group_size", n):
         raise ValueError(f"sample.group_size={n} exceeds the model's max_group_size={model.max_group_size}")
     layout = Layout(int(s.num_images), num_classes, n, int(s.batch_groups))
-    settings = {"ckpt": str(ckpt), "ckpt_sha256": file_sha256(ckpt), "model": model_info["config"],
+    settings = {"ckpt": str(ckpt) if ckpt else "<in-memory>", "ckpt_sha256": file_sha256(ckpt) if ckpt else None,
+                "model": model_info["config"],
                 **sampler_settings(s, num_classes), "decoder_scale": s.get("decoder_scale"),
                 "vae_path": s.get("vae_path")}
     digest = settings_hash(settings)
@@ -406,6 +415,8 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
                              "indices": indices.astype(np.int64), "slots": kept_slots.astype(np.int64)})
         result["generated"] += 1
         progress.update(len(images))
+        if on_chunk is not None:
+            on_chunk(chunk, len(images))
     progress.close()
 
     if rank != 0:
