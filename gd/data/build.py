@@ -216,10 +216,7 @@ class Builder:
     @property
     def encoder(self):
         if self._encoder is None:
-            kw = dict(self.cfg.encoder_kw or {})
-            if self.cfg.encoder == "sdvae" and kw.get("device", "auto") == "auto":
-                kw["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-            self._encoder = build_encoder(self.cfg.encoder, **kw)
+            self._encoder = build_encoder(self.cfg.encoder, **(self.cfg.encoder_kw or {}))
         return self._encoder
 
     def stage_encode(self) -> None:

@@ -106,11 +106,13 @@ class SDVAEEncoder:
     name = "sdvae"
 
     def __init__(self, path: str = "stabilityai/sd-vae-ft-ema", scale: float = SD_VAE_SCALE,
-                 subfolder: str | None = None, device: str = "cpu", dtype: str = "float32",
+                 subfolder: str | None = None, device: str = "auto", dtype: str = "float32",
                  batch_size: int = 32) -> None:
         local, subfolder = _resolve_vae_dir(str(path), subfolder)
         from diffusers import AutoencoderKL
         self.vae = AutoencoderKL.from_pretrained(local, subfolder=subfolder, local_files_only=True)
+        if device == "auto":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
         self.vae.to(self.device, self.dtype).eval()

@@ -71,3 +71,26 @@ def test_vae_repo_id_not_in_cache_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="not in the local HF cache"):
         build_encoder("sdvae", path="stabilityai/sd-vae-ft-ema")
+
+
+def test_build_with_sdvae_and_flip(tiny_vae_dir, tmp_path):
+    """The builder on the tiny VAE: scaled latents of the right shape, flipped latents, meta scale."""
+    from gd.data.build import BuildConfig, Builder
+    from gd.data.loader import build_loaders
+    from gd.data.sources import FashionMNISTSource
+    cfg = BuildConfig(out=str(tmp_path / "out"), work_dir=str(tmp_path / "work"), source="fashion_mnist",
+                      image_size=16, limit=24, encoder="sdvae", encoder_kw={"path": str(tiny_vae_dir), "device": "cpu"},
+                      flip=True, embedder="class", n_max=2, k=2, tau=0.5, chunk_size=16, progress=False)
+    meta = Builder(cfg).run()
+    assert meta["latent_shape"] == [4, 8, 8] and meta["scale"] == SD_VAE_SCALE and meta["flip"]
+    enc = build_encoder("sdvae", path=str(tiny_vae_dir), device="cpu")
+    src = FashionMNISTSource(image_size=16, limit=24)
+    imgs = np.stack([src.read(i)[0] for i in range(24)])
+    z, zf = enc.encode(imgs), enc.encode(np.ascontiguousarray(imgs[:, :, ::-1]))
+    plain, _ = build_loaders({"root": str(tmp_path / "out"), "shuffle": False, "flip": True, "drop_last": False},
+                             group_size=2, micro_batch=24, seed=0, rank=0, world_size=1)
+    batch = next(iter(plain))
+    ids, lat = batch["id"].numpy(), batch["latent"]
+    is_plain = [torch.allclose(lat[j], z[i].half().float()) for j, i in enumerate(ids)]
+    is_flip = [torch.allclose(lat[j], zf[i].half().float()) for j, i in enumerate(ids)]
+    assert all(a or b for a, b in zip(is_plain, is_flip)) and 0 < sum(is_flip) < 24
