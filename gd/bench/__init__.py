@@ -1,1 +1,3 @@
-"""Benchmarks: ``python -m gd.bench.model`` (the model alone), ``python -m gd.bench.train`` (a training step)."""
+"""Benchmarks, each ``python -m gd.bench.<name>`` with a hydra config in conf/bench/:
+model (the model alone, per attention backend), train (a training step), loader (data loading),
+sampler (samplers per method), sample (end-to-end gd.sample and FID-50K GPU-hours)."""
