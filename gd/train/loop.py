@@ -167,6 +167,8 @@ def train(cfg: DictConfig, stop_requested: Callable[[], bool] | None = None) -> 
         while step < steps:
             sp = plan.step(step)
             loss_sum, bad = 0.0, 0.0
+            if zero3:
+                _clear_zero3_grads(engine)
             for micro in range(layout.grad_accum):
                 if sp.is_group:
                     batch = batches["group"].next()
@@ -246,6 +248,19 @@ def train(cfg: DictConfig, stop_requested: Callable[[], bool] | None = None) -> 
         metrics.close()
     return {"preempted": preempted, "step": step, "skipped_steps": skipped_total, "loss": last_loss,
             "run_dir": str(run_dir), "ema": str(run_dir / "ema.pt")}
+
+
+def _clear_zero3_grads(engine: Any) -> None:
+    """Zero ZeRO-3's flat gradient-partition buffer before a step's first backward.
+
+    DeepSpeed 0.19 ZeRO-3 only writes the gradient partitions of parameters that received a gradient in this
+    step and then steps on the whole buffer: a parameter unused in a step (``sample_embed`` on a conditional
+    GroupDiff-l step) would be updated again with its last, stale gradient, and a resumed run (fresh, zero
+    buffer) would diverge from an uninterrupted one.
+    """
+    buffer = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
+    if isinstance(buffer, torch.Tensor):
+        buffer.zero_()
 
 
 def _s_cross(engine: Any, group: tuple[torch.Tensor, torch.Tensor, int], zero3: bool,
