@@ -37,7 +37,8 @@ class RunJob(submitit.helpers.Checkpointable):
         signal.signal(signal.SIGUSR2, lambda signum, frame: requested.set())
         result = run_task(cfg, requested.is_set)
         if isinstance(result, dict) and result.get("preempted") and callable(requeue):
-            print(f"gd.launch: checkpoint written at step {result.get('step')}; requeueing", flush=True)
+            if submitit.JobEnvironment().global_rank == 0:
+                print(f"gd.launch: checkpoint written at step {result.get('step')}; requeueing", flush=True)
             requeue(signal.SIGUSR2, None)
         return result
 

@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 STEPS = 40
 SLURM_CPU = ["+cluster=slurm", "cluster.gpus_per_node=0", "cluster.tasks_per_node=2", "cluster.cpus_per_task=1",
              "cluster.timeout_min=60"]
+LOCAL_CPU = ["+cluster=local", "cluster.tasks_per_node=2", "cluster.cpus_per_task=1"]
 
 
 def tiny(shards: Path, root: Path, *extra: str) -> list[str]:
@@ -57,8 +58,8 @@ def job_logs(run_dir: Path) -> str:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path) -> Path:
     root = tmp_path_factory.mktemp("local-run")
-    out = run_launch("+cluster=local", "cluster.tasks_per_node=2", *tiny(tiny_shards, root / "runs"), cwd=root,
-                     timeout=600)
+    # Same ranks and threads per rank as on SLURM: the thread count changes float reduction order.
+    out = run_launch(*LOCAL_CPU, *tiny(tiny_shards, root / "runs"), cwd=root, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return root / "runs" / "demo"
 
@@ -87,6 +88,9 @@ def preempted_run(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path,
             if launcher.poll() is None:
                 launcher.kill()
     show = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    deadline = time.monotonic() + 60
+    while slurm_cluster.squeue() and time.monotonic() < deadline:  # the job may still be COMPLETING
+        time.sleep(0.5)
     return {"run_dir": run_dir, "job_id": job_id, "returncode": launcher.returncode, "signalled_after": signalled_after,
             "stdout": (root / "launcher.out").read_text(), "stderr": (root / "launcher.err").read_text(),
             "scontrol": show, "queue": slurm_cluster.squeue()}
@@ -112,17 +116,17 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(preempted_run: dict[s
     assert (run_dir / "checkpoints" / f"step_{step:08d}").is_dir()
     # The step counter goes on from the checkpoint: every step logged once, none from a restart at 0.
     assert metric_steps(run_dir) == list(range(1, STEPS + 1))
-    assert preempted_run["queue"] == []
     got, want = final_state(run_dir), final_state(reference_run)
     assert got.keys() == want.keys()
     different = [k for k in want if not torch.equal(got[k], want[k])]
     assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
+    assert preempted_run["queue"] == []
 
 
 def test_relaunching_a_run_name_resumes_it(preempted_run: dict[str, Any], tiny_shards: Path) -> None:
     run_dir = preempted_run["run_dir"]
     root = run_dir.parent
-    out = run_launch("+cluster=local", "cluster.tasks_per_node=2", *tiny(tiny_shards, root),
+    out = run_launch(*LOCAL_CPU, *tiny(tiny_shards, root),
                      f"train.steps={STEPS + 2}", cwd=root.parent, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert metric_steps(run_dir) == list(range(1, STEPS + 3))
