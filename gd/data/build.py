@@ -108,6 +108,8 @@ class Builder:
     def __init__(self, cfg: BuildConfig) -> None:
         cfg.validate()
         self.cfg = cfg
+        if "write" in cfg.stages and storage.is_remote(cfg.out):
+            storage.check_bucket(cfg.out)             # before hours of encoding, not after
         self.work = Path(cfg.work_dir)
         self.work.mkdir(parents=True, exist_ok=True)
         self.source = build_source(cfg.source, image_size=cfg.image_size, limit=cfg.limit, **(cfg.source_kw or {}))
@@ -297,8 +299,6 @@ class Builder:
         if todo:
             for need in ("read", "encode", "retrieve"):
                 self._require("write", need)
-            if storage.is_remote(self.cfg.out):
-                storage.check_bucket(self.cfg.out)
             offsets, labels, ids = self._rows()
             lat = [self._load("encode", "latent", c, mmap=True) for c in range(self.num_chunks)]
             lat_flip = ([self._load("encode", "latent_flip", c, mmap=True) for c in range(self.num_chunks)]

@@ -99,3 +99,10 @@ def test_wrong_endpoint_fails_fast(s3_shards, monkeypatch):
 def test_group_size_larger_than_shards_allow(local_shards):
     with pytest.raises(ValueError, match="n_max"):
         build_loaders({"root": str(local_shards[0])}, group_size=8, micro_batch=16, seed=0, rank=0, world_size=1)
+
+
+def test_build_to_missing_bucket_fails_before_any_work(s3_endpoint, tmp_path):
+    from gd.data.build import BuildConfig, Builder
+    with pytest.raises(ConnectionError, match="bucket 'absent-bucket' does not exist"):
+        Builder(BuildConfig(out="s3://absent-bucket/x", work_dir=str(tmp_path / "w"), limit=10, progress=False))
+    assert not (tmp_path / "w").exists()
