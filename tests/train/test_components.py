@@ -173,7 +173,8 @@ def test_stop_requested_checkpoints_and_resumes(fm_shards, tmp_path):
     from gd.train.loop import train
 
     run = tmp_path / "stop"
-    cfg = compose(*overrides(fm_shards, run, "train.global_batch=8", "train.steps=6", "train.ckpt_every=100"))
+    cfg = compose(*overrides(fm_shards, run, "train.global_batch=8", "train.steps=6", "train.ckpt_every=100",
+                             "train.s_cross_every=2"))
     polls = iter(range(100))
     result = train(cfg, stop_requested=lambda: next(polls) >= 2)
     _free_streaming()
@@ -184,3 +185,5 @@ def test_stop_requested_checkpoints_and_resumes(fm_shards, tmp_path):
     _free_streaming()
     assert not result["preempted"] and result["step"] == 6 and (run / "ema.pt").is_file()
     assert [r["step"] for r in _records(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    scores = [r for r in _records(run) if "s_cross" in r]  # step 6 is a group step of this seed's plan
+    assert scores and all(0.0 <= r["s_cross"] <= 1.0 for r in scores)
