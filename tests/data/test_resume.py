@@ -132,3 +132,21 @@ def test_build_split_over_ranks_equals_single_build(tmp_path):
     meta = _build_in_process([*split, "rank=0", "world=2", "stages=[write]"])                   # last one finalizes
     assert meta["num_records"] == 120
     assert _tree_hashes(tmp_path / "split") == _tree_hashes(tmp_path / "single")
+
+
+def test_groups_do_not_depend_on_worker_count(local_shards):
+    """Draws are keyed by (seed, epoch, sample id), so DataLoader workers see the epoch and draw the same groups."""
+    root, _ = local_shards
+    groups = []
+    for workers in (0, 2):
+        clean_stale_shared_memory()
+        cfg = {"root": str(root), "shuffle": True, "num_workers": workers, "drop_last": False}
+        _, group = build_loaders(cfg, group_size=4, micro_batch=16, seed=9, rank=0, world_size=1)
+        ids = torch.cat([b["id"] for b in group])
+        groups.append({int(g[0]): g.tolist() for g in ids})
+        if workers == 0:                                     # a new epoch draws new partners for some anchors
+            nxt = {int(g[0]): g.tolist() for g in torch.cat([b["id"] for b in group])}
+            assert nxt.keys() == groups[0].keys() and nxt != groups[0]
+        del group
+        gc.collect()
+    assert groups[0] == groups[1] and len(groups[0]) == local_shards[1]["num_records"]
