@@ -26,10 +26,10 @@ from gd.launch.errors import LaunchError
 from gd.launch.job import RunJob
 from gd.launch.validate import is_url, tasks_per_node, validate, world_size
 
-# Settings that may change between launches of one run name; anything else must match the first launch.
-RESUMABLE_CHANGES = ("cluster", "launcher", "task", "run", "sample", "data.cache", "data.cache_limit",
-                     "data.num_workers", "train.steps", "train.log_every", "train.ckpt_every", "train.keep_last",
-                     "train.s_cross_every", "train.peak_tflops", "train.compile", "train.max_nonfinite")
+# What a checkpoint is tied to: relaunching a run name with another value here is refused (keys that exist in
+# only one of the two configs are ignored, so configs may grow new options between launches).
+IDENTITY = ("seed", "model", "diffusion", "data.root", "train.zero_stage", "train.precision", "train.global_batch",
+            "train.lr", "train.weight_decay", "train.betas", "train.grad_clip", "train.ema_decay")
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                    "DEADLINE", "SPECIAL_EXIT")
 
@@ -150,6 +150,8 @@ def follow(job: submitit.Job, cfg: DictConfig) -> int:
     except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as err:
         print(f"gd.launch: job {job.job_id} failed:\n{err}", file=sys.stderr)
         return 1
+    if isinstance(result, dict):
+        result = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
     print(f"gd.launch: job {job.job_id} finished: {result}", flush=True)
     return 0
 
@@ -189,7 +191,7 @@ def _check_resumable(cfg: DictConfig, run_dir: Path) -> None:
         return
     old = OmegaConf.to_container(OmegaConf.load(previous), resolve=False)
     new = OmegaConf.to_container(cfg, resolve=False)
-    changed = [key for key in _diff(old, new) if not any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)]
+    changed = [key for key in _diff(old, new) if any(key == k or key.startswith(k + ".") for k in IDENTITY)]
     if changed:
         raise LaunchError(f"run {cfg.run.name} exists in {run_dir} with different settings, and relaunching resumes "
                           f"it: {', '.join(sorted(changed))} changed. Choose a new run.name, or pass "
@@ -197,9 +199,9 @@ def _check_resumable(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, among the keys both configs have."""
     if isinstance(old, dict) and isinstance(new, dict):
-        keys = set(old) | set(new)
-        return [d for k in keys for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+        return [d for k in old.keys() & new.keys() for d in _diff(old[k], new[k], f"{prefix}{k}.")]
     return [] if old == new else [prefix.rstrip(".")]
 
 

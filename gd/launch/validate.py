@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gd.launch.errors import LaunchError
 
@@ -45,6 +45,8 @@ def validate(cfg: DictConfig) -> list[str]:
         problems += _check_batch(cfg)
         if cfg.launcher.check_data:
             problems += _check_data(cfg)
+    elif not problems:
+        problems += _check_sampling(cfg)
     if problems:
         raise LaunchError("rejected, nothing was submitted:\n  - " + "\n  - ".join(problems))
     return warnings
@@ -112,6 +114,21 @@ def _check_batch(cfg: DictConfig) -> list[str]:
     if batch % (world * micro):
         problems.append(f"train.global_batch={batch} is not a multiple of {ranks} x train.micro_batch={micro}"
                         f" = {world * micro} (gradient accumulation must be a whole number of micro-batches)")
+    return problems
+
+
+def _check_sampling(cfg: DictConfig) -> list[str]:
+    """task=sample|evaluate: the checkpoint to sample from (and for evaluate, a FID reference) must exist."""
+    problems = []
+    ckpt = OmegaConf.select(cfg, "sample.ckpt")
+    if not ckpt:
+        problems.append(f"task={cfg.task} needs sample.ckpt=<run.dir>/ema.pt (or an official SiT checkpoint)")
+    elif not is_url(ckpt) and not Path(ckpt).is_file():
+        problems.append(f"sample.ckpt={ckpt} does not exist: train the run first (task=train) or point "
+                        "sample.ckpt at an exported ema.pt")
+    if cfg.task == "evaluate" and not OmegaConf.select(cfg, "metrics.reference"):
+        problems.append("task=evaluate needs a FID reference: +metrics.reference=<image folder | .npz | "
+                        "cleanfid:<name>:<res>:<split>> (other metric settings: conf/evaluate.yaml, as +metrics.*)")
     return problems
 
 

@@ -118,3 +118,22 @@ def test_bad_config_exits_with_a_readable_message(launch_dir: Path) -> None:
 def test_no_cluster_chosen(launch_dir: Path) -> None:
     out = run_launch("+exp=demo", cwd=launch_dir)
     assert out.returncode == 2 and "+cluster=local" in out.stderr
+
+
+def test_sampling_needs_an_existing_checkpoint(tmp_path: Path) -> None:
+    cfg = compose_cfg("+cluster=local", "+exp=demo", "task=sample", f"run.root={tmp_path}")
+    with pytest.raises(LaunchError, match=f"sample.ckpt={tmp_path}/demo/ema.pt does not exist"):
+        validate(cfg)
+
+
+def test_evaluate_needs_a_reference(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ema.pt"
+    ckpt.write_bytes(b"")
+    cfg = compose_cfg("+cluster=local", "+exp=demo", "task=evaluate", f"sample.ckpt={ckpt}")
+    with pytest.raises(LaunchError, match=r"\+metrics.reference="):
+        validate(cfg)
+
+
+def test_unknown_task() -> None:
+    with pytest.raises(LaunchError, match="task='fit' is not one of train, sample, evaluate"):
+        validate(compose_cfg("+cluster=local", "+exp=demo", "task=fit"))

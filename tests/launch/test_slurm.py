@@ -159,3 +159,13 @@ def test_dry_run_prints_the_sbatch_script(tmp_path: Path, tiny_shards: Path, slu
         assert line in out.stdout, out.stdout
     assert not (tmp_path / "runs" / "demo" / "submitit").exists()
     assert slurm_cluster.squeue() == []
+
+
+def test_sample_task_runs_from_the_trained_run(reference_run: Path, tiny_shards: Path) -> None:
+    root = reference_run.parent
+    out = run_launch("+cluster=local", *tiny(tiny_shards, root), "task=sample", "sample.num_images=20",
+                     "sample.steps=2", "sample.method=euler", "sample.batch_groups=5", cwd=root.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    samples = list((reference_run / "samples").rglob("samples.npz"))
+    assert len(samples) == 1
+    assert str(samples[0]) in out.stdout
