@@ -12,8 +12,11 @@ step's group size; MFU against train.peak_tflops. Prints one row per configurati
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import math
+import os
+import subprocess
 import sys
 import time
 from typing import Any
@@ -111,52 +114,77 @@ def run_engine(cfg: Any, n: int, compile_: bool, variant: dict, device: torch.de
     return dt, (engine, optimizer, model)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def _measure(cfg: Any, spec: dict, device: torch.device) -> dict:
+    """One configuration: its row (img/s, TFLOP/s, MFU, peak GiB), or the error that stopped it."""
     from gd.models.flops import forward_flops
-    from gd.train.__main__ import compose_config
 
-    cfg = compose_config(list(sys.argv[1:] if argv is None else argv))
     b = cfg.train.bench
-    eng.init_distributed()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    flops_model = _build(cfg)
+    n, compile_ = int(spec["n"]), bool(spec["compile"])
+    flops = 3.0 * forward_flops(_build(cfg), group_size=n)
     peak = float(cfg.train.peak_tflops)
-    name = cfg.model.name
-    print(f"# {name} input {cfg.model.input_size} batch {b.batch} on "
-          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; steps {b.steps} (+{b.warmup} warmup); "
-          f"engine base: zero_stage={cfg.train.zero_stage} precision={cfg.train.precision}", flush=True)
-    rows = []
+    row = dict(spec, ips=math.nan, tflops=math.nan, mfu=math.nan, mem=math.nan, error="")
+    _free()
+    try:
+        if spec["mode"] == "reference":
+            dt, keep = run_reference(cfg, n, compile_, device)
+        else:
+            variant = OmegaConf.to_container(b.ds_variants[spec["variant"]], resolve=True)
+            dt, keep = run_engine(cfg, n, compile_, variant, device)
+        ips = int(b.batch) * int(b.steps) / dt
+        tflops = ips * flops / 1e12
+        row.update(ips=ips, tflops=tflops, mfu=tflops / peak if peak > 0 else math.nan,
+                   mem=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else math.nan)
+        del keep
+    except Exception as err:  # one failing configuration should not lose the others' numbers
+        row["error"] = f"{type(err).__name__}: {str(err)[:160]}"
+    return row
+
+
+def _specs(b: Any) -> list[dict]:
+    specs = []
     for n in [int(v) for v in b.group_sizes]:
-        flops = 3.0 * forward_flops(flops_model, group_size=n)
         for compile_ in [bool(v) for v in b.compile]:
-            configs: list[tuple[str, str, dict]] = []
             if "reference" in b.modes:
-                configs.append(("reference", "-", {}))
+                specs.append(dict(mode="reference", variant="-", n=n, compile=compile_))
             if "engine" in b.modes:
                 for v in b.variants:
                     if v not in b.ds_variants:
                         raise ValueError(f"train.bench.variants names {v!r}, not in train.bench.ds_variants "
                                          f"({sorted(b.ds_variants)})")
-                    configs.append(("engine", str(v), OmegaConf.to_container(b.ds_variants[v], resolve=True)))
-            for mode, vname, variant in configs:
-                _free()
-                try:
-                    if mode == "reference":
-                        dt, keep = run_reference(cfg, n, compile_, device)
-                    else:
-                        dt, keep = run_engine(cfg, n, compile_, variant, device)
-                    ips = int(b.batch) * int(b.steps) / dt
-                    tflops = ips * flops / 1e12
-                    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else math.nan
-                    row = dict(mode=mode, variant=vname, n=n, compile=compile_, ips=ips, tflops=tflops,
-                               mfu=tflops / peak if peak > 0 else math.nan, mem=mem, error="")
-                    del keep
-                except Exception as err:  # one failing configuration should not lose the others' numbers
-                    row = dict(mode=mode, variant=vname, n=n, compile=compile_, ips=math.nan, tflops=math.nan,
-                               mfu=math.nan, mem=math.nan, error=f"{type(err).__name__}: {str(err)[:120]}")
-                rows.append(row)
-                print(_fmt(row, rows), flush=True)
+                    specs.append(dict(mode="engine", variant=str(v), n=n, compile=compile_))
+    return specs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs every configuration in a child process of its own (``train.bench.isolate``): DeepSpeed engines,
+    compile caches and the CUDA allocator start clean for each, so one configuration's memory or state cannot
+    leak into the next one's numbers."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from gd.train.__main__ import compose_config
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    cfg = compose_config(args)
+    b = cfg.train.bench
+    one = os.environ.get(_CHILD)
+    if one is not None:
+        eng.init_distributed()
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
+            torch.device("cpu")
+        print(_RESULT + json.dumps(_measure(cfg, json.loads(one), device)), flush=True)
+        return 0
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"# {cfg.model.name} input {cfg.model.input_size} batch {b.batch} on {gpu}; steps {b.steps} "
+          f"(+{b.warmup} warmup); peak {cfg.train.peak_tflops} TFLOP/s", flush=True)
+    rows = []
+    for spec in _specs(b):
+        if bool(b.get("isolate", True)):
+            rows.append(_run_child(args, spec))
+        else:
+            eng.init_distributed()
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
+                torch.device("cpu")
+            rows.append(_measure(cfg, spec, device))
+        print(_fmt(rows[-1], rows), flush=True)
     print("\n| mode | variant | N | compile | img/s | TFLOP/s | MFU | peak GiB | vs reference |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -164,11 +192,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+_CHILD, _RESULT = "GD_BENCH_ONE", "GD_BENCH_RESULT "
+
+
+def _run_child(args: list[str], spec: dict) -> dict:
+    env = {**os.environ, _CHILD: json.dumps(spec)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "gd.bench.train", *args], env=env, capture_output=True,
+                          text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(_RESULT):
+            return json.loads(line[len(_RESULT):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return dict(spec, ips=math.nan, tflops=math.nan, mfu=math.nan, mem=math.nan,
+                error=f"child exited {proc.returncode}: {' | '.join(tail)[:200]}")
+
+
 def _fmt(row: dict, rows: list[dict]) -> str:
     ref = next((r["ips"] for r in rows if r["mode"] == "reference" and r["n"] == row["n"]
                 and r["compile"] == row["compile"]), math.nan)
     rel = row["ips"] / ref if ref and not math.isnan(ref) else math.nan
-    tail = f" {row['error']}" if row["error"] else ""
+    tail = f" {row['error']}" if row.get("error") else ""
     return (f"| {row['mode']} | {row['variant']} | {row['n']} | {row['compile']} | {row['ips']:.1f} | "
             f"{row['tflops']:.1f} | {row['mfu']:.1%} | {row['mem']:.1f} | {rel:.2f} |{tail}")
 

@@ -187,3 +187,16 @@ def test_stop_requested_checkpoints_and_resumes(fm_shards, tmp_path):
     assert [r["step"] for r in _records(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
     scores = [r for r in _records(run) if "s_cross" in r]  # step 6 is a group step of this seed's plan
     assert scores and all(0.0 <= r["s_cross"] <= 1.0 for r in scores)
+
+
+@pytest.mark.slow
+def test_bench_prints_reference_and_engine_rows(capsys):
+    from gd.bench.train import main
+
+    args = [a for a in overrides(Path("unused"), Path("unused")) if not a.startswith("diffusion")]
+    main([*args, "train.bench.isolate=false", "train.bench.steps=2", "train.bench.warmup=1", "train.bench.batch=8",
+          "train.bench.group_sizes=[4]", "train.bench.compile=[false]", "train.bench.variants=[z2_fp32]"])
+    table = capsys.readouterr().out.split("| mode |")[-1].strip().splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in table] == ["reference", "engine"]
+    for row in table:
+        assert float(row.split("|")[5]) > 0, row  # img/s measured, no error
