@@ -28,7 +28,8 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 def sample_overrides(ckpt: Path, out: Path, **kw) -> list[str]:
     opts = {"num_images": 40, "group_size": 4, "mode": "l", "method": "sde", "steps": 6, "cfg_scale": 2.0,
             "batch_groups": 2, "device": "cpu", "progress": False, **kw}
-    return [f"ckpt={ckpt}", f"sample.out={out}"] + [f"sample.{k}={v}" for k, v in opts.items()]
+    return [f"ckpt={ckpt}", f"sample.out={out}", f"run.root={out.parent / 'runs'}"] + [
+        f"sample.{k}={v}" for k, v in opts.items()]
 
 
 def compose_cfg(overrides: list[str]):
