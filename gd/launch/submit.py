@@ -47,6 +47,7 @@ def launch(cfg: DictConfig) -> int:
         print(dry_run(cfg, folder))
         return 0
     _check_resumable(cfg, run_dir)
+    _check_not_running(cfg, run_dir)
     executor = make_executor(cfg, folder)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(run_dir / "launch.yaml", OmegaConf.to_yaml(cfg))
@@ -137,12 +138,16 @@ def follow(job: submitit.Job, cfg: DictConfig) -> int:
                     last_state = state
             for path, stream in logs:
                 offsets[path] = _copy_new(path, offsets[path], stream)
-            if done or state in TERMINAL_STATES or state == "GONE":
+            ended = state in TERMINAL_STATES or state == "GONE" if cfg.cluster.kind == "slurm" else state != "RUNNING"
+            if done or ended:
                 break
             time.sleep(2.0)
     except KeyboardInterrupt:
-        where = f"scancel {job.job_id}" if cfg.cluster.kind == "slurm" else f"kill {job.job_id}"
-        print(f"\ngd.launch: stopped following; the job goes on ({where} stops it, relaunching resumes)",
+        if cfg.cluster.kind == "slurm":
+            note = f"the job goes on (scancel {job.job_id} stops it)"
+        else:
+            note = "the local job was interrupted with it"
+        print(f"\ngd.launch: stopped following; {note}. Relaunching the run name resumes from its last checkpoint",
               file=sys.stderr)
         return 130
     try:
@@ -182,6 +187,28 @@ def _absolute_paths(cfg: DictConfig) -> None:
         cfg.run.root = os.path.abspath(cfg.run.root)
         if not is_url(cfg.data.root):
             cfg.data.root = os.path.abspath(cfg.data.root)
+
+
+def _check_not_running(cfg: DictConfig, run_dir: Path) -> None:
+    """Two jobs writing one run directory would interleave checkpoints: refuse while the last launch still runs."""
+    launches = run_dir / "launches.jsonl"
+    if not launches.is_file():
+        return
+    last = json.loads(launches.read_text().splitlines()[-1])
+    job_id, kind = last["job_id"], last["cluster"]
+    if kind == "slurm":
+        # Job ids restart when a development cluster is reset: the job name says whether it is still ours.
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%j %T"], capture_output=True, text=True,
+                             check=False).stdout.split()
+        running = len(out) == 2 and out[0] == f"gd-{cfg.run.name}" and out[1] not in TERMINAL_STATES
+        stop = f"scancel {job_id}"
+    else:
+        cmdline = Path(f"/proc/{job_id}/cmdline")
+        running = cmdline.exists() and last["submitit"] in cmdline.read_bytes().decode(errors="replace")
+        stop = f"kill {job_id}"
+    if running:
+        raise LaunchError(f"run {cfg.run.name} is still running as {kind} job {job_id} (launched {last['time']}); "
+                          f"wait for it or stop it ({stop}) before launching it again")
 
 
 def _check_resumable(cfg: DictConfig, run_dir: Path) -> None:

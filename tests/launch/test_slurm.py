@@ -169,3 +169,22 @@ def test_sample_task_runs_from_the_trained_run(reference_run: Path, tiny_shards:
     samples = list((reference_run / "samples").rglob("samples.npz"))
     assert len(samples) == 1
     assert str(samples[0]) in out.stdout
+
+
+def test_a_run_that_is_still_running_is_not_launched_twice(tmp_path: Path, tiny_shards: Path,
+                                                           slurm_cluster: SlurmCluster) -> None:
+    env = slurm_cluster.env()
+    sub = subprocess.run(["sbatch", "--parsable", "-J", "gd-demo", "--wrap", "sleep 60"], env=env,
+                         capture_output=True, text=True, check=True)
+    job_id = sub.stdout.strip().split(";")[0]
+    try:
+        run_dir = tmp_path / "runs" / "demo"
+        run_dir.mkdir(parents=True)
+        (run_dir / "launches.jsonl").write_text(json.dumps(
+            {"time": "t", "cluster": "slurm", "task": "train", "job_id": job_id, "submitit": "x"}) + "\n")
+        out = run_launch(*SLURM_CPU, *tiny(tiny_shards, tmp_path / "runs"), cwd=tmp_path, env=env)
+        assert out.returncode == 2
+        assert f"run demo is still running as slurm job {job_id}" in out.stderr
+        assert not (run_dir / "submitit").exists()
+    finally:
+        subprocess.run(["scancel", job_id], env=env, check=False)
