@@ -66,6 +66,7 @@ class BuildConfig:
     world: int = 1
     chunk_delay_s: float = 0.0
     wait_timeout_s: float = 0.0
+    cleanup_images: bool = False
     progress: bool = True
 
     def validate(self) -> None:
@@ -183,6 +184,13 @@ class Builder:
     def _load(self, stage: str, what: str, c: int, mmap: bool = False) -> np.ndarray:
         return np.load(self.chunk_path(stage, c, f"{what}.npy"), mmap_mode="r" if mmap else None)
 
+    def _images(self, c: int) -> np.ndarray:
+        path = self.chunk_path("read", c, "images.npy")
+        if not path.exists():
+            raise FileNotFoundError(f"{path} was removed (cleanup_images=true): delete {self.work / 'read'} to "
+                                    "re-read the source")
+        return np.load(path)
+
     # ---- stages ------------------------------------------------------------------------------------------------
     def run(self) -> dict | None:
         meta = None
@@ -227,7 +235,7 @@ class Builder:
                 continue
             if not self.done("read", c):
                 raise RuntimeError(f"encode chunk {c} needs read chunk {c}: run stage read first")
-            images = self._load("read", "images", c)
+            images = self._images(c)
             lat, lat_flip = [], []
             for i in range(0, len(images), self.cfg.batch_size):
                 batch = images[i:i + self.cfg.batch_size]
@@ -255,7 +263,7 @@ class Builder:
                     kw["device"] = (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
                                     else "cpu")
                 embedder = build_embedder(self.cfg.embedder, num_classes=self.source.num_classes, **kw)
-            images = self._load("read", "images", c)
+            images = self._images(c)
             labels, ids = self._load("read", "labels", c), self._load("read", "ids", c)
             out = [embedder.embed(images[i:i + self.cfg.batch_size], labels[i:i + self.cfg.batch_size],
                                   ids[i:i + self.cfg.batch_size]) for i in range(0, len(images), self.cfg.batch_size)]
@@ -401,6 +409,11 @@ class Builder:
             "stats": stats,
         }
         storage.write_json(storage.join(self.cfg.out, "meta.json"), meta)
+        if self.cfg.cleanup_images:
+            # Decoded crops are the bulk of the work dir (196 KB/image at 256 px); latents, embeddings and
+            # candidates stay, so a rebuild with another tau/k/out redoes only retrieve/write.
+            for c in range(self.num_chunks):
+                self.chunk_path("read", c, "images.npy").unlink(missing_ok=True)
         print(f"wrote {n} records ({len(skipped)} skipped) to {self.cfg.out}: "
               f"{stats['bytes_per_image_plain']:.0f} B/image plain + {stats['bytes_per_image_group']:.0f} B/image "
               f"group; fallback rate {stats['fallback_rate']:.3f}, mean passing cosine "
@@ -424,5 +437,5 @@ def config_from_dict(d: dict) -> BuildConfig:
         chunk_size=int(d["chunk_size"]), batch_size=int(d["batch_size"]), shard_size=str(d["shard_size"]),
         stages=tuple(d["stages"]), rank=int(d["rank"]), world=int(d["world"]),
         chunk_delay_s=float(d.get("chunk_delay_s") or 0.0), wait_timeout_s=float(d.get("wait_timeout_s") or 0.0),
-        progress=bool(d.get("progress", True)),
+        cleanup_images=bool(d.get("cleanup_images", False)), progress=bool(d.get("progress", True)),
     )
