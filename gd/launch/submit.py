@@ -67,12 +67,14 @@ def make_executor(cfg: DictConfig, folder: Path) -> submitit.AutoExecutor:
     cluster = cfg.cluster
     kind = cluster.kind
     try:
-        executor = submitit.AutoExecutor(folder=folder, cluster=kind, **{f"{kind}_max_num_timeout": cluster.max_requeues})
+        executor = submitit.AutoExecutor(folder=folder, cluster=kind,
+                                         **{f"{kind}_max_num_timeout": int(cluster.max_requeues)})
     except RuntimeError as err:
         raise LaunchError(f"+cluster={kind}: {err} (slurm-client must be installed where gd.launch runs)") from err
     tasks = tasks_per_node(cluster)
     params: dict[str, Any] = dict(name=f"gd-{cfg.run.name}", timeout_min=int(cluster.timeout_min),
-                                  nodes=int(cluster.nodes), tasks_per_node=tasks, cpus_per_task=int(cluster.cpus_per_task),
+                                  nodes=int(cluster.nodes), tasks_per_node=tasks,
+                                  cpus_per_task=int(cluster.cpus_per_task),
                                   gpus_per_node=int(cluster.gpus_per_node) or None)
     if kind == "slurm":
         if cluster.mem_per_task_gb is not None:

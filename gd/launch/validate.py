@@ -61,7 +61,8 @@ def _check_cluster(cluster: DictConfig, warnings: list[str]) -> list[str]:
             problems.append(f"cluster.{key}={cluster[key]!r}: expected a positive integer")
     if not isinstance(cluster.gpus_per_node, int) or cluster.gpus_per_node < 0:
         problems.append(f"cluster.gpus_per_node={cluster.gpus_per_node!r}: expected an integer >= 0")
-    if cluster.tasks_per_node is not None and (not isinstance(cluster.tasks_per_node, int) or cluster.tasks_per_node < 1):
+    tasks = cluster.tasks_per_node
+    if tasks is not None and (not isinstance(tasks, int) or tasks < 1):
         problems.append(f"cluster.tasks_per_node={cluster.tasks_per_node!r}: expected a positive integer or null")
     if problems:
         return problems
