@@ -33,9 +33,12 @@ def test_meta_lists_skipped_files_and_stats(s3_shards):
 def test_two_ranks_read_every_record_once_with_valid_groups(s3_shards, image_tree, tmp_path):
     root, meta = s3_shards
     procs = []
+    with socket.socket() as s:                  # streaming rendezvous over torch.distributed on this port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", PYTHONPATH=str(REPO))
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, "-m", "tests.data.read_worker", root, str(tmp_path / "cache"),
                                        str(tmp_path / f"rank{rank}.npz"), "4"], env=env, cwd=REPO,
                                       stderr=subprocess.PIPE, text=True))
