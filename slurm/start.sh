@@ -51,14 +51,19 @@ else
   slurmd -N localhost -f "$conf"
 fi
 
+# Our own daemons must be the ones answering: with ports taken by another cluster they exit at once, and
+# sinfo would report the other cluster's node.
+up() { alive "$state/run/slurmctld.pid" && alive "$state/run/slurmd.pid"; }
+st=""
 for _ in $(seq 300); do
-  case "$(sinfo -h -N -o %t 2>/dev/null)" in
-    idle|mix|alloc) break ;;
+  st=$(sinfo -h -N -o %t 2>/dev/null || true)
+  case "$st" in
+    idle|mix|alloc) up && break ;;
     down*|drain*) scontrol update nodename=localhost state=resume >/dev/null 2>&1 || true ;;
   esac
   sleep 0.1
 done
-st=$(sinfo -h -N -o %t 2>/dev/null || true)
+up || die "slurmctld/slurmd exited (ports $ctld_port/$slurmd_port in use?); logs: $state/log/"
 case "$st" in
   idle|mix|alloc) ;;
   *) die "node not idle (state '${st:-no answer}'); logs: $state/log/slurmctld.log $state/log/slurmd.log" ;;
