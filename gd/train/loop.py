@@ -144,6 +144,7 @@ def train(cfg: DictConfig, stop_requested: Callable[[], bool] | None = None) -> 
     s_cross_every = int(t_cfg.get("s_cross_every") or 0)
     nan_steps = set(int(s) for s in (_fault(cfg, "nan_steps") or []))
     kill_step = _fault(cfg, "kill_in_checkpoint")
+    step_delay = float(_fault(cfg, "step_delay_s") or 0.0)
     dtype_note = eng.engine_dtype(engine)
 
     def forward(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -217,6 +218,8 @@ def train(cfg: DictConfig, stop_requested: Callable[[], bool] | None = None) -> 
                 window_loss += last_loss
                 window_n += 1
             metrics.advance()
+            if step_delay:
+                time.sleep(step_delay)
             if s_cross_every and step % s_cross_every == 0 and last_group is not None:
                 scores = _s_cross(engine, last_group, zero3, cross_attention_score)
                 metrics.log(step, {"s_cross": float(np.mean(list(scores.values())) if scores else 0.0),

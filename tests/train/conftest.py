@@ -22,7 +22,7 @@ TINY = [
 
 
 @pytest.fixture(scope="session")
-def fm_shards(tmp_path_factory, fashion_mnist_dir) -> Path:
+def fm_shards(tmp_path_factory, fashion_mnist_dir):
     """256 Fashion-MNIST training images at 8x8 in pixel space, grouped by pixel similarity (N <= 4)."""
     from gd.data.build import BuildConfig, Builder
 
@@ -32,7 +32,8 @@ def fm_shards(tmp_path_factory, fashion_mnist_dir) -> Path:
                       encoder="pixels", encoder_kw={"channels": 1}, embedder="pixels", embedder_kw={"size": 8},
                       n_max=4, k=8, chunk_size=256, batch_size=64, progress=False)
     Builder(cfg).run()
-    return base / "out"
+    yield base / "out"
+    clean_streaming_shm(base / "out")
 
 
 def overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -85,6 +86,26 @@ def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, log: Path, t
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
+def clean_streaming_shm(shards: Path) -> None:
+    """Unlink streaming's /dev/shm segments that serve ``shards`` (left behind by SIGKILLed jobs).
+
+    A segment set is recognised by its ``<prefix>_locals`` entry naming our (session-unique) shard directory, so
+    segments of other test sessions running beside this one are never touched.
+    """
+    for locals_path in glob.glob("/dev/shm/*_locals"):
+        try:
+            owned = str(shards).encode() in Path(locals_path).read_bytes()
+        except OSError:
+            continue
+        if owned:
+            prefix = Path(locals_path).name[: -len("locals")]
+            for path in glob.glob(f"/dev/shm/{prefix}*"):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _clean_shared_memory():
     """DeepSpeed's CPU all-reduce buffers and streaming's segments outlive killed jobs: remove the ones we made."""
@@ -95,6 +116,4 @@ def _clean_shared_memory():
             os.unlink(path)
         except OSError:
             pass
-    from streaming.base.util import clean_stale_shared_memory
 
-    clean_stale_shared_memory()

@@ -14,7 +14,7 @@ import torch
 from gd.train.checkpoint import CheckpointMismatchError, model_signature
 from gd.train.ema import ShardedEMA
 from gd.train.engine import GuardedAdamW, batch_layout, deepspeed_config
-from tests.train.conftest import overrides
+from tests.train.conftest import clean_streaming_shm, overrides
 
 
 def compose(*args: str):
@@ -135,11 +135,10 @@ def test_guarded_adamw_skips_nonfinite_and_matches_adamw_otherwise():
 
 
 # ---- in-process DeepSpeed (world of 1) ----------------------------------------------------------------------------
-def _free_streaming():
-    from streaming.base.util import clean_stale_shared_memory
-
+def _free_streaming(shards: Path) -> None:
+    """Drop the finished run's datasets and their shared memory before the next run opens the same shards."""
     gc.collect()
-    clean_stale_shared_memory()
+    clean_streaming_shm(shards)
 
 
 def _records(run: Path) -> list[dict]:
@@ -153,7 +152,7 @@ def test_nonfinite_steps_are_skipped_then_stop(fm_shards, tmp_path):
     run = tmp_path / "nan"
     base = overrides(fm_shards, run, "train.global_batch=8", "train.steps=6", "train.ckpt_every=100")
     result = train(compose(*base, "train.debug.nan_steps=[2,3]", "train.max_nonfinite=3"))
-    _free_streaming()
+    _free_streaming(fm_shards)
     assert result["skipped_steps"] == 2 and math.isfinite(result["loss"])
     recs = {r["step"]: r for r in _records(run) if "loss" in r}
     assert recs[2]["skipped_steps"] == 0 and recs[3]["skipped_steps"] == 1 and recs[4]["skipped_steps"] == 2
@@ -165,7 +164,7 @@ def test_nonfinite_steps_are_skipped_then_stop(fm_shards, tmp_path):
     with pytest.raises(NonFiniteError, match="2 consecutive steps"):
         train(compose(*overrides(fm_shards, run2, "train.global_batch=8", "train.steps=6",
                                  "train.debug.nan_steps=[1,2,3]", "train.max_nonfinite=2")))
-    _free_streaming()
+    _free_streaming(fm_shards)
 
 
 @pytest.mark.slow
@@ -177,12 +176,12 @@ def test_stop_requested_checkpoints_and_resumes(fm_shards, tmp_path):
                              "train.s_cross_every=2"))
     polls = iter(range(100))
     result = train(cfg, stop_requested=lambda: next(polls) >= 2)
-    _free_streaming()
+    _free_streaming(fm_shards)
     assert result["preempted"] and result["step"] == 3
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     assert not (run / "ema.pt").exists()
     result = train(cfg)
-    _free_streaming()
+    _free_streaming(fm_shards)
     assert not result["preempted"] and result["step"] == 6 and (run / "ema.pt").is_file()
     assert [r["step"] for r in _records(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
     scores = [r for r in _records(run) if "s_cross" in r]  # step 6 is a group step of this seed's plan

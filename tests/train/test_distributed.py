@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.conftest import kill_group, overrides, torchrun, wait, wait_for_step
+from tests.train.conftest import clean_streaming_shm, kill_group, overrides, torchrun, wait, wait_for_step
 
 pytestmark = pytest.mark.slow
 STEPS, CKPT_EVERY = 24, 8
@@ -84,9 +84,10 @@ def test_zero2_loss_falls_and_exports_ema(zero2_reference):
 def test_zero2_sigkill_resume_is_bitwise(zero2_reference, fm_shards, tmp_path):
     run, log = tmp_path / "run", tmp_path / "log1.txt"
     kill_at = random.Random().randint(CKPT_EVERY + 1, STEPS - 3)
-    proc = torchrun(overrides(fm_shards, run, "train.zero_stage=2"), log)
+    proc = torchrun(overrides(fm_shards, run, "train.zero_stage=2", "train.debug.step_delay_s=0.25"), log)
     wait_for_step(run / "metrics.jsonl", kill_at, proc, log)
     kill_group(proc)  # SIGKILL to torchrun and both workers, mid-training
+    clean_streaming_shm(fm_shards)
     before = losses(run)
     assert before and max(before) < STEPS
     log2 = tmp_path / "log2.txt"
@@ -106,6 +107,7 @@ def test_zero3_interrupted_checkpoint_and_resume(zero2_reference, fm_shards, tmp
     args = overrides(fm_shards, run, "train.zero_stage=3")
     proc = torchrun([*args, f"train.debug.kill_in_checkpoint={2 * CKPT_EVERY}"], log)
     assert wait(proc, log) != 0
+    clean_streaming_shm(fm_shards)
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == f"step_{CKPT_EVERY:08d}"
     partial = ckpts / f".tmp-step_{2 * CKPT_EVERY:08d}"
