@@ -27,12 +27,6 @@ def run_launch(*overrides: str, cwd: Path, env: dict[str, str] | None = None,
                           text=True, timeout=timeout, check=False)
 
 
-@pytest.fixture()
-def launch_dir(tmp_path: Path) -> Path:
-    """A working directory for one launcher invocation; its runs/ is the run root."""
-    return tmp_path
-
-
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path) -> Path:
     """256 Fashion-MNIST images as 1x16x16 pixel latents with groups of up to 4, built once per session."""

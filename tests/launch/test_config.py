@@ -94,29 +94,29 @@ def test_missing_s3_data_path(s3_bucket: str) -> None:
         validate(cfg)
 
 
-def test_cfg_job_prints_the_composed_config(launch_dir: Path) -> None:
-    out = run_launch("+cluster=slurm", "+exp=groupdiff16", "--cfg", "job", cwd=launch_dir)
+def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
+    out = run_launch("+cluster=slurm", "+exp=groupdiff16", "--cfg", "job", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "group_size: 16" in out.stdout and "kind: slurm" in out.stdout and "task: train" in out.stdout
 
 
-def test_unknown_key_is_rejected_before_anything_runs(launch_dir: Path) -> None:
-    out = run_launch("+cluster=local", "+exp=demo", "train.lr_warmup=10", cwd=launch_dir)
+def test_unknown_key_is_rejected_before_anything_runs(tmp_path: Path) -> None:
+    out = run_launch("+cluster=local", "+exp=demo", "train.lr_warmup=10", cwd=tmp_path)
     assert out.returncode != 0
     assert "Key 'lr_warmup' is not in struct" in out.stderr
-    assert not (launch_dir / "runs").exists()
+    assert not (tmp_path / "runs").exists()
 
 
-def test_bad_config_exits_with_a_readable_message(launch_dir: Path) -> None:
-    out = run_launch("+cluster=local", "+exp=demo", "train.global_batch=30", cwd=launch_dir)
+def test_bad_config_exits_with_a_readable_message(tmp_path: Path) -> None:
+    out = run_launch("+cluster=local", "+exp=demo", "train.global_batch=30", cwd=tmp_path)
     assert out.returncode == 2
     assert "rejected, nothing was submitted" in out.stderr and "train.global_batch=30" in out.stderr
     assert "Traceback" not in out.stderr
-    assert not (launch_dir / "runs" / "demo" / "submitit").exists()
+    assert not (tmp_path / "runs" / "demo" / "submitit").exists()
 
 
-def test_no_cluster_chosen(launch_dir: Path) -> None:
-    out = run_launch("+exp=demo", cwd=launch_dir)
+def test_no_cluster_chosen(tmp_path: Path) -> None:
+    out = run_launch("+exp=demo", cwd=tmp_path)
     assert out.returncode == 2 and "+cluster=local" in out.stderr
 
 
