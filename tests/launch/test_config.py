@@ -137,3 +137,9 @@ def test_evaluate_needs_a_reference(tmp_path: Path) -> None:
 def test_unknown_task() -> None:
     with pytest.raises(LaunchError, match="task='fit' is not one of train, sample, evaluate"):
         validate(compose_cfg("+cluster=local", "+exp=demo", "task=fit"))
+
+
+def test_demo_without_groups_is_valid() -> None:
+    cfg = compose_cfg("+cluster=local", "+exp=demo", "diffusion=plain", "launcher.check_data=false")
+    assert (cfg.diffusion.mode, cfg.diffusion.group_size) == ("none", 1)
+    assert validate(cfg) == []

@@ -174,8 +174,8 @@ def test_sample_task_runs_from_the_trained_run(reference_run: Path, tiny_shards:
 def test_a_run_that_is_still_running_is_not_launched_twice(tmp_path: Path, tiny_shards: Path,
                                                            slurm_cluster: SlurmCluster) -> None:
     env = slurm_cluster.env()
-    sub = subprocess.run(["sbatch", "--parsable", "-J", "gd-demo", "--wrap", "sleep 60"], env=env,
-                         capture_output=True, text=True, check=True)
+    sub = subprocess.run(["sbatch", "--parsable", "-J", "gd-demo", f"--output={tmp_path}/slurm-%j.out",
+                          "--wrap", "sleep 60"], env=env, capture_output=True, text=True, check=True)
     job_id = sub.stdout.strip().split(";")[0]
     try:
         run_dir = tmp_path / "runs" / "demo"
