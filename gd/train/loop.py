@@ -77,13 +77,6 @@ def _fault(cfg: DictConfig, key: str) -> Any:
     return debug.get(key)
 
 
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 def train(cfg: DictConfig, stop_requested: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train (or resume) the run ``cfg.run.dir`` to ``cfg.train.steps`` optimizer steps.
 
@@ -167,7 +160,8 @@ def train(cfg: DictConfig, stop_requested: Callable[[], bool] | None = None) -> 
     try:
         while step < steps:
             sp = plan.step(step)
-            loss_sum, bad = 0.0, 0.0
+            # Summed on the device and read once per step (one host sync), together with the stop flag.
+            acc = torch.zeros(3, dtype=torch.float64, device=d.device)
             if zero3:
                 _clear_zero3_grads(engine)
             for micro in range(layout.grad_accum):
@@ -185,14 +179,16 @@ def train(cfg: DictConfig, stop_requested: Callable[[], bool] | None = None) -> 
                 loss, _ = group_loss(forward, x, y, sp.group_size, sigma_tv=sigma_tv, generator=gen,
                                      time_sampling=time_sampling)
                 engine.backward(loss)
-                value = float(loss.detach())
-                if math.isfinite(value):
-                    loss_sum += value
-                else:
-                    bad += 1.0
+                value = loss.detach().double()
+                finite = torch.isfinite(value)
+                acc[0] += torch.where(finite, value, torch.zeros_like(value))
+                acc[1] += (~finite).double()
                 if micro == layout.grad_accum - 1:
-                    stop = 1.0 if (stop_requested is not None and stop_requested()) else 0.0
-                    loss_sum, bad, stop = _all_reduce([loss_sum, bad, stop], d.device)
+                    if stop_requested is not None and stop_requested():
+                        acc[2] = 1.0
+                    if dist.is_initialized() and d.world_size > 1:
+                        dist.all_reduce(acc)
+                    loss_sum, bad, stop = acc.tolist()
                     optimizer.force_skip = bad > 0
                     optimizer.last_skipped = False
                 engine.step()
