@@ -1,0 +1,153 @@
+"""Pieces of the embedded demo (tools/demo.sh) that are not the pipeline's own commands.
+
+    python -m gd.demo reference OUT.npz [--limit N]     Fashion-MNIST test images as an FID reference batch
+    python -m gd.demo report RUN_DIR EVAL_JSON [--baseline RUN_DIR EVAL_JSON] [--out DIR]
+
+`reference` writes the ADM layout (arr_0 uint8 N×H×W×3) that `gd.evaluate metrics.reference=` reads. The test
+split is used so that the reference never overlaps the training shards (built from the train split).
+`report` turns a finished run into the three files a newcomer looks at: samples.png (the class grid of the
+evaluation), loss.png (training loss, raw and smoothed) and metrics.json (FID and the run's settings).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_reference(out: Path, limit: int = 2000, root: Path = FASHION_MNIST) -> Path:
+    """The first `limit` Fashion-MNIST test images as uint8 RGB under arr_0 (labels under arr_1)."""
+    from gd.data.sources import read_idx_gz
+
+    images_file, labels_file = root / "t10k-images-idx3-ubyte.gz", root / "t10k-labels-idx1-ubyte.gz"
+    if not images_file.exists():
+        raise FileNotFoundError(f"{images_file} not found: install Debian's dataset-fashion-mnist "
+                                "(bash tools/system-deps.sh fashion-mnist) or copy the idx .gz files there")
+    images = read_idx_gz(images_file)[:limit]
+    labels = read_idx_gz(labels_file)[:limit].astype(np.int64)
+    rgb = np.repeat(images[..., None], 3, axis=-1).astype(np.uint8)
+    _atomic_write(out, lambda tmp: np.savez(open(tmp, "wb"), arr_0=rgb, arr_1=labels))
+    return out
+
+
+def _losses(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(step, loss, group_size) from the trainer's metrics.jsonl, last record of a step winning (resumes)."""
+    by_step: dict[int, dict] = {}
+    with open(run_dir / "metrics.jsonl") as f:
+        for line in f:
+            rec = json.loads(line)
+            if "loss" in rec and "step" in rec:
+                by_step[int(rec["step"])] = rec
+    steps = np.array(sorted(by_step))
+    if not len(steps):
+        raise ValueError(f"{run_dir}/metrics.jsonl holds no loss records: did the run log any step?")
+    return (steps, np.array([by_step[s]["loss"] for s in steps]),
+            np.array([by_step[s].get("group_size", 1) for s in steps]))
+
+
+def plot_losses(runs: dict[str, Path], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for (label, run_dir), color in zip(runs.items(), ("tab:blue", "tab:orange")):
+        steps, loss, _ = _losses(run_dir)
+        ax.plot(steps, loss, color=color, alpha=0.3, lw=1)
+        k = max(1, len(loss) // 15)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, color=color, lw=2, label=f"{label} (moving mean of {k} logs)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("logged loss (group steps sum N members)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("GroupDiff demo: training loss")
+    fig.tight_layout()
+    _atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def report(run_dir: Path, eval_json: Path, out_dir: Path, baseline: tuple[Path, Path] | None = None) -> dict:
+    """samples.png, loss.png and metrics.json in out_dir; returns the metrics dict."""
+    ev = json.loads(eval_json.read_text())
+    grid = Path(ev["samples"]).parent / "grid.png"
+    _atomic_write(out_dir / "samples.png", lambda tmp: shutil.copyfile(grid, tmp))
+    runs = {"GroupDiff": run_dir}
+    metrics = {"groupdiff": _summary(run_dir, ev)}
+    if baseline is not None:
+        runs["plain SiT"] = baseline[0]
+        metrics["plain_sit"] = _summary(baseline[0], json.loads(baseline[1].read_text()))
+    plot_losses(runs, out_dir / "loss.png")
+    metrics["note"] = ("FID on a few thousand 28x28 Fashion-MNIST images against the test split, with "
+                       + ev.get("fid_label", "FID") + "; not comparable to ImageNet FID-50K")
+    text = json.dumps(metrics, indent=2)
+    _atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    return metrics
+
+
+def _summary(run_dir: Path, ev: dict) -> dict:
+    steps, loss, group = _losses(run_dir)
+    tail = loss[-max(1, len(loss) // 5):]
+    return {
+        "run_dir": str(run_dir),
+        "fid": ev["fid"],
+        "fid_label": ev.get("fid_label"),
+        "precision": ev.get("precision"),
+        "recall": ev.get("recall"),
+        "num_images": ev["num_images"],
+        "reference_images": ev["reference"]["num_images"],
+        "sampler": ev["sampler"],
+        "steps": int(steps[-1]),
+        "group_step_fraction": float(np.mean(group > 1)),
+        "final_loss_mean": float(np.mean(tail)),
+        "eval_json": str(ev.get("json", "")),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gd.demo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    ref = sub.add_parser("reference", help="write the Fashion-MNIST test-split reference .npz")
+    ref.add_argument("out", type=Path)
+    ref.add_argument("--limit", type=int, default=2000)
+    rep = sub.add_parser("report", help="samples.png, loss.png, metrics.json from a finished run")
+    rep.add_argument("run_dir", type=Path)
+    rep.add_argument("eval_json", type=Path)
+    rep.add_argument("--baseline", nargs=2, type=Path, metavar=("RUN_DIR", "EVAL_JSON"))
+    rep.add_argument("--out", type=Path, default=None, help="default: RUN_DIR")
+    args = parser.parse_args(argv)
+    if args.cmd == "reference":
+        print(write_reference(args.out, args.limit))
+        return
+    metrics = report(args.run_dir, args.eval_json, args.out or args.run_dir,
+                     tuple(args.baseline) if args.baseline else None)
+    for name in ("groupdiff", "plain_sit"):
+        if name in metrics:
+            m = metrics[name]
+            print(f"{name:>10}: FID {m['fid']:.2f} on {m['num_images']} images "
+                  f"({m['steps']} steps, final loss {m['final_loss_mean']:.3f})")
+
+
+if __name__ == "__main__":
+    main()
