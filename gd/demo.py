@@ -12,26 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from gd.io import atomic_path, atomic_write_text
+
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_reference(out: Path, limit: int = 2000, root: Path = FASHION_MNIST) -> Path:
@@ -45,7 +33,8 @@ def write_reference(out: Path, limit: int = 2000, root: Path = FASHION_MNIST) ->
     images = read_idx_gz(images_file)[:limit]
     labels = read_idx_gz(labels_file)[:limit].astype(np.int64)
     rgb = np.repeat(images[..., None], 3, axis=-1).astype(np.uint8)
-    _atomic_write(out, lambda tmp: np.savez(open(tmp, "wb"), arr_0=rgb, arr_1=labels))
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, arr_0=rgb, arr_1=labels)
     return out
 
 
@@ -84,7 +73,8 @@ def plot_losses(runs: dict[str, Path], out: Path) -> None:
     ax.legend()
     ax.set_title("GroupDiff demo: training loss")
     fig.tight_layout()
-    _atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
@@ -92,7 +82,8 @@ def report(run_dir: Path, eval_json: Path, out_dir: Path, baseline: tuple[Path, 
     """samples.png, loss.png and metrics.json in out_dir; returns the metrics dict."""
     ev = json.loads(eval_json.read_text())
     grid = Path(ev["samples"]).parent / "grid.png"
-    _atomic_write(out_dir / "samples.png", lambda tmp: shutil.copyfile(grid, tmp))
+    with atomic_path(out_dir / "samples.png") as tmp:
+        shutil.copyfile(grid, tmp)
     runs = {"GroupDiff": run_dir}
     metrics = {"groupdiff": _summary(run_dir, ev)}
     if baseline is not None:
@@ -101,8 +92,7 @@ def report(run_dir: Path, eval_json: Path, out_dir: Path, baseline: tuple[Path, 
     plot_losses(runs, out_dir / "loss.png")
     metrics["note"] = ("FID on a few thousand 28x28 Fashion-MNIST images against the test split, with "
                        + ev.get("fid_label", "FID") + "; not comparable to ImageNet FID-50K")
-    text = json.dumps(metrics, indent=2)
-    _atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from gd.io import atomic_save_npy, atomic_write_bytes
 from gd.metrics.fid import feature_stats, frechet_distance, inception_score, precision_recall, reference_features
 from gd.metrics.inception import InceptionExtractor, build_inception
-from gd.sample import Layout, _atomic_bytes, _paths, generate
+from gd.sample import Layout, _paths, generate
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "evaluate.yaml"
 
@@ -65,10 +66,7 @@ def sample_features(out: Path, layout: Layout, extractor: InceptionExtractor, ba
     for k in tqdm(range(layout.num_chunks), desc="Inception features", unit="chunk", disable=not progress):
         feats.append(extractor.images_features(np.load(_paths(out, k)[0])["images"], batch_size=batch_size))
     feats = np.concatenate(feats)
-    buf_path = cache.with_name(f".{cache.name}.tmp.{os.getpid()}")
-    with open(buf_path, "wb") as fh:
-        np.save(fh, feats)
-    os.replace(buf_path, cache)
+    atomic_save_npy(cache, feats)
     return feats
 
 
@@ -128,7 +126,7 @@ def evaluate(cfg: DictConfig) -> dict:
         result.update(precision=None, recall=None)
     result["seconds"] = round(time.time() - started, 1)
     path = Path(str(m.out)) if m.get("out") else out / f"eval_{extractor.source}_{extractor.mode}.json"
-    _atomic_bytes(path, json.dumps(result, indent=2).encode())
+    atomic_write_bytes(path, json.dumps(result, indent=2).encode())
     result["json"] = str(path)
     return result
 

@@ -29,8 +29,8 @@ import os
 import tarfile
 import time
 import zipfile
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from gd.io import atomic_path, atomic_write_bytes
 
 MODES = ("l", "f", "none")
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -128,16 +130,6 @@ def chunk_generator(seed: int, chunk: int) -> torch.Generator:
 # --------------------------------------------------------------------------------------- atomic writers
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array_header_2_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
@@ -148,10 +140,7 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
 def write_npz(path: Path, arrays: dict[str, Any]) -> None:
     """Atomic, byte-reproducible .npz (stored, fixed timestamps). A value is an array, or (shape, dtype,
     iterable of arrays) streamed in order so a 50k×256×256×3 file never sits in memory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, value in arrays.items():
             if isinstance(value, tuple):
                 shape, dtype, parts = value
@@ -169,9 +158,6 @@ def write_npz(path: Path, arrays: dict[str, Any]) -> None:
                     written += part.size
             if written != int(np.prod(shape)):
                 raise RuntimeError(f"{path}:{name}: wrote {written} values, expected shape {shape}")
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -191,7 +177,7 @@ def write_png_tar(path: Path, images: np.ndarray, indices: np.ndarray, labels: n
             info = tarfile.TarInfo(f"{int(index):06d}_{int(label)}.png")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             tar.addfile(info, io.BytesIO(data))
-    _atomic_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def class_grid(images: np.ndarray, labels: np.ndarray, classes: int, per_class: int, pad: int = 2) -> np.ndarray:
@@ -436,7 +422,7 @@ def _claim_out_dir(out: Path, settings: dict, digest: str) -> None:
             raise ValueError(f"{out} holds samples made with other settings ({diff}); use another sample.out "
                              "or delete the folder")
         return
-    _atomic_bytes(path, json.dumps({"hash": digest, "settings": settings}, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(path, json.dumps({"hash": digest, "settings": settings}, indent=2, sort_keys=True).encode())
 
 
 def _wait_for_chunks(out: Path, layout: Layout, timeout: float) -> None:
@@ -473,7 +459,7 @@ def assemble(out: Path, layout: Layout, s: DictConfig) -> Path:
     chunks = [np.load(_paths(out, k)[0]) for k in range(need)]
     imgs = np.concatenate([ch["images"] for ch in chunks])
     labs = np.concatenate([ch["labels"] for ch in chunks])
-    _atomic_bytes(out / "grid.png", png_bytes(class_grid(imgs, labs, classes, per)))
+    atomic_write_bytes(out / "grid.png", png_bytes(class_grid(imgs, labs, classes, per)))
     return out / "samples.npz"
 
 

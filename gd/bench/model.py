@@ -7,16 +7,14 @@ TFLOP/s uses gd.models.flops (forward FLOPs x 3 for fwd+bwd); MFU divides it by 
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from gd.io import atomic_write_text
 from gd.models import build_model, forward_flops
 
 PRECISIONS = ("fp32", "tf32", "bf16", "bf16w")
@@ -120,12 +118,7 @@ def run(cfg: Any) -> list[dict[str, Any]]:
         print(format_row(r), flush=True)
         results.append(r)
     if b.out:
-        out = Path(b.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, out)
+        atomic_write_text(b.out, json.dumps(results, indent=1))
     return results
 
 

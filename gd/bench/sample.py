@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gd.sample import _atomic_bytes, generate, load_sampling_model
+from gd.io import atomic_write_bytes
+from gd.sample import generate, load_sampling_model
 
 
 class _Enough(Exception):
@@ -102,7 +103,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
                   f"  {row['ms_per_image_per_nfe']:.3g} ms/img/NFE + {row['ms_per_image_fixed']:.3g} ms/img fixed"
                   f"  -> {b.num_images} images: {row['gpu_hours']:.3g} GPU-h", flush=True)
     if b.get("out"):
-        _atomic_bytes(Path(str(b.out)), json.dumps(rows, indent=1).encode())
+        atomic_write_bytes(Path(str(b.out)), json.dumps(rows, indent=1).encode())
     return rows
 
 

@@ -9,18 +9,16 @@ velocity evaluation (median of ``iters``), and projects the seconds per image, a
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from gd.diffusion import METHODS, CallStats, GuidedVelocity, sample
+from gd.io import atomic_write_text
 
 PRECISIONS = ("bf16", "fp32", "tf32")
 
@@ -137,12 +135,7 @@ def run(cfg: Any) -> list[dict[str, Any]]:
               f"{row['gpu_hours_measured']:.3g} GPU-h measured, {row['gpu_hours_interval']:.3g} projected with "
               f"interval, {row['gpu_hours_no_interval']:.3g} without", flush=True)
     if b.get("out"):
-        out = Path(b.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(tmp, out)
+        atomic_write_text(b.out, json.dumps(rows, indent=1))
     return rows
 
 

@@ -27,6 +27,7 @@ from gd.data import grouping, shards, storage
 from gd.data.embedders import build_embedder
 from gd.data.encoders import build_encoder
 from gd.data.sources import build_source
+from gd.io import atomic_save_npy
 
 STAGES = ("read", "encode", "embed", "retrieve", "write")
 # Which settings each stage's outputs depend on (a change invalidates that stage and those after it).
@@ -90,13 +91,6 @@ class BuildConfig:
                 if any(w in key.lower() for w in SECRET_WORDS) and "path" not in key and "checkpoint" not in key:
                     raise ValueError(f"{name} option {key!r} looks like a credential: credentials come from the "
                                      "environment or ~/.aws, never from the config")
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
 
 
 def _save_json(path: Path, obj: Any) -> None:
@@ -214,10 +208,10 @@ class Builder:
                 labels.append(label)
                 ids.append(i)
             s = self.cfg.image_size
-            _save_npy(self.chunk_path("read", c, "images.npy"),
+            atomic_save_npy(self.chunk_path("read", c, "images.npy"),
                       np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8))
-            _save_npy(self.chunk_path("read", c, "labels.npy"), np.asarray(labels, np.int64))
-            _save_npy(self.chunk_path("read", c, "ids.npy"), np.asarray(ids, np.int64))
+            atomic_save_npy(self.chunk_path("read", c, "labels.npy"), np.asarray(labels, np.int64))
+            atomic_save_npy(self.chunk_path("read", c, "ids.npy"), np.asarray(ids, np.int64))
             _save_json(self.chunk_path("read", c, "skipped.json"), skipped)
             for sk in skipped:
                 tqdm.write(f"skipped id {sk['id']}: {sk['error']}")
@@ -245,9 +239,9 @@ class Builder:
                                     .astype(np.float16))
             shape = self.encoder.latent_shape(self.cfg.image_size)
             empty = np.zeros((0, *shape), np.float16)
-            _save_npy(self.chunk_path("encode", c, "latent.npy"), np.concatenate(lat) if lat else empty)
+            atomic_save_npy(self.chunk_path("encode", c, "latent.npy"), np.concatenate(lat) if lat else empty)
             if self.cfg.flip:
-                _save_npy(self.chunk_path("encode", c, "latent_flip.npy"), np.concatenate(lat_flip) if lat else empty)
+                atomic_save_npy(self.chunk_path("encode", c, "latent_flip.npy"), np.concatenate(lat_flip) if lat else empty)
             self._finish_chunk("encode", c)
 
     def stage_embed(self) -> None:
@@ -268,7 +262,7 @@ class Builder:
             out = [embedder.embed(images[i:i + self.cfg.batch_size], labels[i:i + self.cfg.batch_size],
                                   ids[i:i + self.cfg.batch_size]) for i in range(0, len(images), self.cfg.batch_size)]
             emb = np.concatenate(out).astype(np.float32) if out else np.zeros((0, 1), np.float32)
-            _save_npy(self.chunk_path("embed", c, "emb.npy"), emb)
+            atomic_save_npy(self.chunk_path("embed", c, "emb.npy"), emb)
             self._finish_chunk("embed", c)
 
     def _rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -297,9 +291,9 @@ class Builder:
             nbr, sim = grouping.search_neighbours(index, db, rows, self.cfg.k)
             nbr, sim, count = grouping.order_candidates(nbr, sim, labels, labels[rows], self.cfg.tau,
                                                         self.cfg.fallback)
-            _save_npy(self.chunk_path("retrieve", c, "nbr.npy"), nbr)
-            _save_npy(self.chunk_path("retrieve", c, "sim.npy"), sim.astype(np.float32))
-            _save_npy(self.chunk_path("retrieve", c, "count.npy"), count)
+            atomic_save_npy(self.chunk_path("retrieve", c, "nbr.npy"), nbr)
+            atomic_save_npy(self.chunk_path("retrieve", c, "sim.npy"), sim.astype(np.float32))
+            atomic_save_npy(self.chunk_path("retrieve", c, "count.npy"), count)
             self._finish_chunk("retrieve", c)
 
     def stage_write(self) -> dict | None:

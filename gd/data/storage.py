@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
+
+from gd.io import atomic_write_bytes
 
 
 def is_remote(url: str) -> bool:
@@ -100,12 +101,7 @@ def write_bytes(url: str, data: bytes, client=None) -> None:
         bucket, key = split_s3(url)
         (client or s3_client()).put_object(Bucket=bucket, Key=key, Body=data)
         return
-    path = Path(url)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(url, data)
 
 
 def write_json(url: str, obj, client=None) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import submitit
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from gd.io import atomic_write_text
 from gd.launch.errors import LaunchError
 from gd.launch.job import RunJob
 from gd.launch.validate import is_url, tasks_per_node, validate, world_size
@@ -50,7 +51,7 @@ def launch(cfg: DictConfig) -> int:
     _check_not_running(cfg, run_dir)
     executor = make_executor(cfg, folder)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run_dir / "launch.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(run_dir / "launch.yaml", OmegaConf.to_yaml(cfg))
     job = _submit(executor, cfg)
     _append_launch(run_dir, cfg, job.job_id, folder)
     rank0 = job.task(0)
@@ -241,8 +242,4 @@ def _append_launch(run_dir: Path, cfg: DictConfig, job_id: str, folder: Path) ->
         f.write(json.dumps(record) + "\n")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 

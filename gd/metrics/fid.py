@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gd.io import atomic_save_npy
 from gd.metrics.inception import InceptionExtractor
 
 
@@ -123,11 +124,7 @@ def _cached(cache_dir: Path | None, target: Path, extractor: InceptionExtractor,
     if path.is_file():
         return np.load(path)
     feats = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, feats)
-    os.replace(tmp, path)
+    atomic_save_npy(path, feats)
     return feats
 
 

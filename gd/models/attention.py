@@ -52,8 +52,8 @@ def check_backend(backend: str) -> None:
     )
     if not torch.cuda.is_available():
         raise BackendUnavailableError(
-            f"attn_backend='xformers' needs a CUDA device (xformers has no CPU kernels); use attn_backend=sdpa "
-            f"or math here"
+            "attn_backend='xformers' needs a CUDA device (xformers has no CPU kernels); use attn_backend=sdpa "
+            "or math here"
         )
     try:
         import xformers.ops as xops

@@ -24,13 +24,13 @@ import argparse
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from gd.io import atomic_torch_save
 from gd.models.sit import SiT, build_model
 
 FORMAT = "gd.sit/1"
@@ -143,16 +143,7 @@ def save_model(model: SiT, path: str | os.PathLike, state_dict: dict[str, Tensor
     if problems:
         raise CheckpointError("state_dict does not fit the model:\n" + "\n".join(problems))
     payload = {"format": FORMAT, "config": dict(model.config), "model": {k: v.detach().cpu() for k, v in state.items()}}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(payload, path)
 
 
 def load_model(path: str | os.PathLike, **overrides: Any) -> SiT:

@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from gd.io import atomic_write_text
 from gd.train import engine as eng
-from gd.train.checkpoint import CheckpointManager, atomic_write_text, export_ema, model_signature
+from gd.train.checkpoint import CheckpointManager, export_ema, model_signature
 from gd.train.ema import ShardedEMA
 from gd.train.metrics import MetricsLogger, Throughput
 

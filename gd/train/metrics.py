@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from gd.io import atomic_write_text
+
 
 class Throughput:
     """Images/s, TFLOP/s per device and MFU over a window of steps."""
@@ -85,9 +87,7 @@ class MetricsLogger:
             return
         keep = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
