@@ -38,19 +38,25 @@ def write_reference(out: Path, limit: int = 2000, root: Path = FASHION_MNIST) ->
     return out
 
 
-def _losses(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(step, loss, group_size) from the trainer's metrics.jsonl, last record of a step winning (resumes)."""
+def _losses(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-image loss series from the trainer's metrics.jsonl: {"all", "cond", "group"} -> (steps, values).
+
+    "all" is the logged objective (a group step's sums its N members); "cond" / "group" are per-image means over
+    each log window's conditional / group steps. The last record of a step wins (a resumed run logs it again).
+    """
     by_step: dict[int, dict] = {}
     with open(run_dir / "metrics.jsonl") as f:
         for line in f:
             rec = json.loads(line)
             if "loss" in rec and "step" in rec:
                 by_step[int(rec["step"])] = rec
-    steps = np.array(sorted(by_step))
-    if not len(steps):
+    if not by_step:
         raise ValueError(f"{run_dir}/metrics.jsonl holds no loss records: did the run log any step?")
-    return (steps, np.array([by_step[s]["loss"] for s in steps]),
-            np.array([by_step[s].get("group_size", 1) for s in steps]))
+    series = {}
+    for key, field in (("all", "loss"), ("cond", "loss_cond"), ("group", "loss_group")):
+        steps = [s for s in sorted(by_step) if field in by_step[s]]
+        series[key] = (np.array(steps), np.array([by_step[s][field] for s in steps]))
+    return series
 
 
 def plot_losses(runs: dict[str, Path], out: Path) -> None:
@@ -60,18 +66,23 @@ def plot_losses(runs: dict[str, Path], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for (label, run_dir), color in zip(runs.items(), ("tab:blue", "tab:orange")):
-        steps, loss, _ = _losses(run_dir)
-        ax.plot(steps, loss, color=color, alpha=0.3, lw=1)
-        k = max(1, len(loss) // 15)
-        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1:], smooth, color=color, lw=2, label=f"{label} (moving mean of {k} logs)")
+    colors = iter(("tab:blue", "tab:green", "tab:orange", "tab:red"))
+    for label, run_dir in runs.items():
+        series = _losses(run_dir)
+        grouped = len(series["group"][0]) > 0
+        parts = [("cond", f"{label}: conditional steps"), ("group", f"{label}: group steps (unconditional)")]
+        for key, name in parts if grouped else [("cond", label)]:
+            steps, loss = series[key] if len(series[key][0]) else series["all"]
+            color = next(colors)
+            ax.plot(steps, loss, color=color, alpha=0.25, lw=1)
+            k = max(1, len(loss) // 15)
+            ax.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), color=color, lw=2, label=name)
     ax.set_xlabel("step")
-    ax.set_ylabel("logged loss (group steps sum N members)")
+    ax.set_ylabel("per-image velocity MSE")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("GroupDiff demo: training loss")
+    ax.set_title("GroupDiff demo: training loss (moving mean)")
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
@@ -97,8 +108,11 @@ def report(run_dir: Path, eval_json: Path, out_dir: Path, baseline: tuple[Path, 
 
 
 def _summary(run_dir: Path, ev: dict) -> dict:
-    steps, loss, group = _losses(run_dir)
-    tail = loss[-max(1, len(loss) // 5):]
+    series = _losses(run_dir)
+    steps, _ = series["all"]
+    cond_steps, cond = series["cond"]
+    group_steps, _ = series["group"]
+    tail = cond[-max(1, len(cond) // 5):] if len(cond) else np.array([np.nan])
     return {
         "run_dir": str(run_dir),
         "fid": ev["fid"],
@@ -109,8 +123,8 @@ def _summary(run_dir: Path, ev: dict) -> dict:
         "reference_images": ev["reference"]["num_images"],
         "sampler": ev["sampler"],
         "steps": int(steps[-1]),
-        "group_step_fraction": float(np.mean(group > 1)),
-        "final_loss_mean": float(np.mean(tail)),
+        "logs_with_group_steps": int(len(group_steps)),
+        "final_cond_loss": float(np.mean(tail)),
         "eval_json": str(ev.get("json", "")),
     }
 
@@ -136,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         if name in metrics:
             m = metrics[name]
             print(f"{name:>10}: FID {m['fid']:.2f} on {m['num_images']} images "
-                  f"({m['steps']} steps, final loss {m['final_loss_mean']:.3f})")
+                  f"({m['steps']} steps, conditional-step loss {m['final_cond_loss']:.3f})")
 
 
 if __name__ == "__main__":

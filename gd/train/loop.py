@@ -154,6 +154,8 @@ def train(cfg: DictConfig, stop_requested: Callable[[], bool] | None = None) -> 
                    "model_config": model_config, "time": time.time()}, cfg, fault_hook=hook)
 
     in_a_row, window_loss, window_n, last_loss = 0, 0.0, 0, math.nan
+    # Per-image loss by step kind: a group step's objective sums N members, so `loss` alone mixes scales.
+    by_kind = {"cond": [0.0, 0], "group": [0.0, 0]}
     last_group: tuple[torch.Tensor, torch.Tensor, int] | None = None
     preempted = False
     step = start
@@ -214,6 +216,9 @@ def train(cfg: DictConfig, stop_requested: Callable[[], bool] | None = None) -> 
                 last_loss = loss_sum / (layout.grad_accum * d.world_size)
                 window_loss += last_loss
                 window_n += 1
+                kind = by_kind["group" if sp.is_group else "cond"]
+                kind[0] += last_loss / sp.group_size
+                kind[1] += 1
             metrics.advance()
             if step_delay:
                 time.sleep(step_delay)
@@ -229,8 +234,10 @@ def train(cfg: DictConfig, stop_requested: Callable[[], bool] | None = None) -> 
                     "loss": window_loss / window_n if window_n else math.nan, "grad_norm": norm,
                     "lr": float(optimizer.param_groups[0]["lr"]), "group_size": sp.group_size,
                     "skipped_steps": skipped_total, **stats,
+                    **{f"loss_{k}": v[0] / v[1] for k, v in by_kind.items() if v[1]},
                 })
                 window_loss, window_n = 0.0, 0
+                by_kind = {"cond": [0.0, 0], "group": [0.0, 0]}
             if stop > 0 and step < steps:
                 save(step)
                 preempted = True

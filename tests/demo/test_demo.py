@@ -27,8 +27,8 @@ def test_demo_script_end_to_end(tmp_path: Path, fashion_mnist_dir: Path) -> None
         m = metrics[name]
         assert math.isfinite(m["fid"]) and m["fid"] > 0, m
         assert m["num_images"] == 40 and m["steps"] == 30
-    assert metrics["groupdiff"]["group_step_fraction"] > 0      # group steps happened in GroupDiff-l
-    assert metrics["plain_sit"]["group_step_fraction"] == 0
+    assert metrics["groupdiff"]["logs_with_group_steps"] > 0    # group steps happened in GroupDiff-l
+    assert metrics["plain_sit"]["logs_with_group_steps"] == 0
     assert "FID" in proc.stdout and "plain_sit" in proc.stdout
 
     grid = np.asarray(Image.open(run / "samples.png"))
