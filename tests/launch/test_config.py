@@ -36,9 +36,12 @@ def test_groupdiff16_is_the_paper_recipe() -> None:
 
 def test_demo_is_tiny_cpu_groupdiff_l() -> None:
     cfg = compose_cfg("+cluster=local", "+exp=demo")
-    assert (cfg.model.in_channels, cfg.model.num_classes, cfg.model.depth) == (1, 10, 2)
+    assert (cfg.model.name, cfg.model.in_channels, cfg.model.num_classes) == ("SiT-S/4", 1, 10)
+    assert (cfg.model.hidden_size, cfg.model.depth, cfg.model.num_heads) == (128, 4, 4)
     assert (cfg.diffusion.mode, cfg.diffusion.group_size) == ("l", 4)
     assert cfg.train.precision == "fp32" and cfg.train.steps <= 1000
+    assert (cfg.train.global_batch, cfg.train.micro_batch) == (64, 64)
+    assert cfg.sample.cfg_scale > 1.0
     assert cfg.cluster.gpus_per_node == 0 and world_size(cfg.cluster) == 1
 
 
