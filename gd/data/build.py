@@ -415,6 +415,25 @@ class Builder:
         return meta
 
 
+def resolve_rank_world(rank: int | None = None, world: int | None = None,
+                       env: dict[str, str] | None = None) -> tuple[int, int]:
+    """(rank, world) of this build process: explicit values win; else a SLURM job array, whose task ids need not
+    start at 0 (--array=1-8, --array=0-14:2), so rank = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) // STEP and
+    world = SLURM_ARRAY_TASK_COUNT; else torchrun's RANK / WORLD_SIZE; else 0 / 1."""
+    env = os.environ if env is None else env
+    if "SLURM_ARRAY_TASK_ID" in env:
+        task, lo = int(env["SLURM_ARRAY_TASK_ID"]), int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        step = int(env.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
+        count = int(env.get("SLURM_ARRAY_TASK_COUNT", "1"))
+        if (task - lo) % step or (task - lo) // step >= count:
+            raise ValueError(f"SLURM_ARRAY_TASK_ID={task} (MIN={lo}, STEP={step}, COUNT={count}) does not map to a "
+                             f"rank in [0, {count}): use a contiguous or evenly stepped --array, or set rank= world=")
+        auto_rank, auto_world = (task - lo) // step, count
+    else:
+        auto_rank, auto_world = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+    return (auto_rank if rank is None else int(rank)), (auto_world if world is None else int(world))
+
+
 def config_from_dict(d: dict) -> BuildConfig:
     """BuildConfig from the hydra config of conf/build_shards.yaml (selected source/encoder/embedder kwargs)."""
     def sel(group: str, name: str) -> dict:
@@ -422,6 +441,7 @@ def config_from_dict(d: dict) -> BuildConfig:
         if name not in table:
             raise ValueError(f"{group[:-1]} {name!r} has no settings in {group}: expected one of {sorted(table)}")
         return dict(table[name] or {})
+    rank, world = resolve_rank_world(d.get("rank"), d.get("world"))
     return BuildConfig(
         out=str(d["out"]), work_dir=str(d["work_dir"]),
         source=d["source"], source_kw=sel("sources", d["source"]), image_size=int(d["image_size"]),
@@ -429,7 +449,7 @@ def config_from_dict(d: dict) -> BuildConfig:
         embedder=d["embedder"], embedder_kw=sel("embedders", d["embedder"]), n_max=int(d["n_max"]), k=int(d["k"]),
         tau=float(d["tau"]), fallback=d["fallback"], index=dict(d.get("index") or {}),
         chunk_size=int(d["chunk_size"]), batch_size=int(d["batch_size"]), shard_size=str(d["shard_size"]),
-        stages=tuple(d["stages"]), rank=int(d["rank"]), world=int(d["world"]),
+        stages=tuple(d["stages"]), rank=rank, world=world,
         chunk_delay_s=float(d.get("chunk_delay_s") or 0.0), wait_timeout_s=float(d.get("wait_timeout_s") or 0.0),
         cleanup_images=bool(d.get("cleanup_images", False)), progress=bool(d.get("progress", True)),
     )
