@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -201,6 +202,13 @@ def _load_fid_helper(path: Path) -> torch.nn.Module:
     return wrapped.net.layers
 
 
+def _warn_fallback(message: str) -> None:
+    """Warn and also print to stderr: a FID run's log must say which weights it used even when warnings are
+    filtered or logged elsewhere."""
+    warnings.warn(message, UserWarning, stacklevel=3)
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
 def build_inception(source: Source = "auto", mode: Mode = "clean", path: str | os.PathLike | None = None,
                     device: torch.device | str = "cpu") -> InceptionExtractor:
     """Inception extractor from ``source``: ``cleanfid`` (error naming the file to put where if absent),
@@ -217,6 +225,9 @@ def build_inception(source: Source = "auto", mode: Mode = "clean", path: str | o
         return InceptionExtractor(trunk, source="cleanfid", mode=mode, label=CLEANFID_LABEL, weights_path=found,
                                   logits_weight=weight, device=device)
     fpath = fid_helper_path()
+    if source == "auto":
+        _warn_fallback(f"metrics.inception=auto: falling back to fid-helper's Inception ({fpath}); results are "
+                       f"labelled '{FID_HELPER_LABEL}'. {missing_cleanfid_message(path)}")
     return InceptionExtractor(_load_fid_helper(fpath), source="fid_helper", mode=mode, label=FID_HELPER_LABEL,
                               weights_path=fpath, device=device)
 

@@ -67,6 +67,17 @@ def test_bad_inputs_fail_clearly(fid_helper_clean, tmp_path):
             inc.build_inception("cleanfid", path=tmp_path)
 
 
+def test_auto_fallback_says_which_file_to_put_where(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("GD_INCEPTION_PATH", raising=False)
+    if inc.find_cleanfid_inception(tmp_path) is not None:
+        pytest.skip("clean-fid's inception-2015-12-05.pt is here: auto does not fall back")
+    with pytest.warns(UserWarning, match=r"falling back to fid-helper.*/tmp/inception-2015-12-05\.pt"):
+        ex = inc.build_inception("auto", path=tmp_path)
+    assert ex.source == "fid_helper" and ex.label == inc.FID_HELPER_LABEL
+    err = capsys.readouterr().err
+    assert "WARNING: metrics.inception=auto" in err and str(tmp_path / inc.CLEANFID_FILE) in err
+
+
 @pytest.mark.skipif(inc.find_cleanfid_inception() is None, reason="clean-fid's inception-2015-12-05.pt not here")
 def test_fid_helper_equals_cleanfid_weights():
     report = inc.compare_with_cleanfid()
