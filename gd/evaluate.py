@@ -16,13 +16,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gd.io import atomic_save_npy, atomic_write_bytes
 from gd.metrics.fid import feature_stats, frechet_distance, inception_score, precision_recall, reference_features
 from gd.metrics.inception import InceptionExtractor, build_inception
-from gd.sample import Layout, _paths, generate
+from gd.sample import Layout, _bind_device, _device, _paths, generate
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "evaluate.yaml"
 
@@ -74,9 +73,9 @@ def evaluate(cfg: DictConfig) -> dict:
     """Sample (all ranks) then compute and write the metrics (rank 0). Returns the JSON dict (rank 0)."""
     m = metric_settings(cfg)
     _check_reference(m)
-    rank = int(os.environ.get("RANK", 0))
-    device = torch.device("cuda" if m.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if m.device == "auto" else m.device))
+    rank = int(os.environ.get("RANK", "0"))
+    device = _device(str(m.device))
+    _bind_device(device)
     extractor = build_inception(m.inception, m.mode, m.get("inception_path"), device) if rank == 0 else None
     started = time.time()
     sampled = generate(cfg)

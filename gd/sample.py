@@ -247,11 +247,20 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _device(spec: str) -> torch.device:
+    """Device spec "auto" or "cuda" -> this process's GPU, cuda:(LOCAL_RANK % device_count), so sites binding one
+    GPU per task (device_count 1) and multi-GPU nodes both work; "auto" without CUDA -> CPU; else as given."""
+    if spec in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", _env_int("LOCAL_RANK", 0) % torch.cuda.device_count())
     if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", _env_int("LOCAL_RANK", 0) % torch.cuda.device_count())
         return torch.device("cpu")
     return torch.device(spec)
+
+
+def _bind_device(device: torch.device) -> None:
+    """Make a CUDA device the current one: otherwise plain "cuda" allocations (xformers' build check, library
+    workspaces) land on GPU 0 while the model sits on cuda:LOCAL_RANK."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
 
 
 def group_sizes(mode: str, n: int) -> tuple[int, int]:
@@ -340,6 +349,7 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
     ckpt = checkpoint_path(cfg) if model is None else None
     out = Path(str(s.out)).expanduser()
     device = _device(str(s.get("device", "auto")))
+    _bind_device(device)
     if s.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
