@@ -16,6 +16,15 @@ from gd.launch.errors import LaunchError
 TASKS = ("train", "sample", "evaluate")
 CLUSTER_KINDS = ("local", "slurm")
 GROUP_MODES = ("l", "f", "none")
+# Name fragments of environment variables that hold credentials (as gd.data.build.SECRET_WORDS for shard options;
+# not imported from there because that module pulls in torch and faiss).
+SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
+
+
+def looks_like_credential(name: str) -> bool:
+    """Whether an environment variable name is an AWS setting or contains a credential word."""
+    upper = str(name).upper()
+    return upper.startswith("AWS_") or any(word in upper for word in SECRET_WORDS)
 
 
 def tasks_per_node(cluster: DictConfig) -> int:
@@ -70,6 +79,11 @@ def _check_cluster(cluster: DictConfig, warnings: list[str]) -> list[str]:
     if cluster.gpus_per_node and tasks != cluster.gpus_per_node:
         problems.append(f"cluster.tasks_per_node={tasks} with cluster.gpus_per_node={cluster.gpus_per_node}: "
                         "expected one task per GPU (leave tasks_per_node null)")
+    secrets = sorted(str(k) for k in (cluster.get("env") or {}) if looks_like_credential(k))
+    if secrets:
+        problems.append(f"cluster.env sets {', '.join(secrets)}: credentials never go in configs (they would be "
+                        "written into launch.yaml, config.yaml and every checkpoint); they come from the "
+                        "environment the job is submitted from or ~/.aws")
     if cluster.kind == "local" and cluster.nodes != 1:
         problems.append(f"cluster.nodes={cluster.nodes}: +cluster=local runs on this machine only (nodes=1)")
     if cluster.kind == "slurm":

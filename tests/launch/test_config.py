@@ -74,6 +74,22 @@ def test_group_larger_than_the_model_allows() -> None:
     assert "exceeds model.max_group_size=4" in msg
 
 
+@pytest.mark.parametrize("key", ["AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "WANDB_API_KEY", "HF_TOKEN",
+                                 "DB_PASSWORD", "my_secret"])
+def test_credentials_in_cluster_env_are_refused(key: str) -> None:
+    msg = _rejection("+cluster=slurm", "+exp=groupdiff4", f"+cluster.env.{key}=hunter2")
+    assert f"cluster.env sets {key}" in msg and "~/.aws" in msg and "launch.yaml" in msg
+    assert "hunter2" not in msg
+
+
+def test_plain_cluster_env_is_accepted() -> None:
+    cfg = compose_cfg("+cluster=local", "+exp=demo", "+cluster.env.NCCL_IB_DISABLE='1'",
+                      "+cluster.env.S3_ENDPOINT_URL=http://127.0.0.1:9000")
+    with open_dict(cfg):
+        cfg.launcher.check_data = False
+    validate(cfg)
+
+
 def test_local_cluster_is_one_node() -> None:
     msg = _rejection("+cluster=local", "+exp=demo", "cluster.nodes=2")
     assert "cluster.nodes=2" in msg
