@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +138,17 @@ def cleanfid_stats_path(name: str, res: str | int, split: str, mode: str) -> tup
     return Path(cleanfid.__file__).parent / "stats" / rel, f"https://www.cs.cmu.edu/~clean-fid/stats/{rel}"
 
 
+def _warn_incomparable(target: Path, mode: str) -> None:
+    """ADM's reference batches carry mu/sigma computed by the TF Inception graph with TF's own resize: they match
+    only our legacy_tensorflow features; against clean-mode features the FID is off by a mode-dependent bias."""
+    message = (f"metrics.use_precomputed=true with metrics.mode={mode}: the mu/sigma in {target} (ADM reference "
+               "batches) come from the TensorFlow Inception pipeline and are not comparable with clean-mode "
+               "features; use metrics.mode=legacy_tensorflow, or use_precomputed=false to recompute the "
+               "reference from its arr_0 images")
+    warnings.warn(message, UserWarning, stacklevel=3)
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
 def reference_features(ref: str, extractor: InceptionExtractor, *, batch_size: int = 64,
                        cache_dir: str | os.PathLike | None = None, use_precomputed: bool = False,
                        max_images: int | None = None, progress: bool = False) -> FeatureStats:
@@ -174,6 +187,8 @@ def reference_features(ref: str, extractor: InceptionExtractor, *, batch_size: i
                 feats = _cached(cache_dir, target, extractor, compute, extra=f"npz:{max_images}")
                 return feature_stats(feats, source=f"npz images {target}")
             if {"mu", "sigma"} <= keys:
+                if use_precomputed and extractor.mode != "legacy_tensorflow":
+                    _warn_incomparable(target, extractor.mode)
                 return FeatureStats(mu=npz["mu"], sigma=npz["sigma"], num=-1, source=f"npz mu/sigma {target}")
         raise ValueError(f"reference {target} has neither arr_0 (uint8 images) nor mu/sigma (found {sorted(keys)})")
     raise FileNotFoundError(f"reference {ref!r}: expected an existing image folder, an .npz (arr_0 images or "

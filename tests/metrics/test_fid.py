@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from gd.metrics.fid import feature_stats, frechet_distance, inception_score, precision_recall
+from gd.metrics.fid import feature_stats, frechet_distance, inception_score, precision_recall, reference_features
+from gd.metrics.inception import build_inception
 
 
 def reference_fid(a: np.ndarray, b: np.ndarray) -> float:
@@ -75,3 +76,16 @@ def test_precision_recall_on_constructed_manifolds():
     assert p > 0.9 and 0.2 < r < 0.3
     far = rng.normal(size=(400, 4)) + 1000.0
     assert precision_recall(real, far, k=3) == (0.0, 0.0)
+
+
+def test_precomputed_adm_stats_warn_outside_legacy_mode(tmp_path, recwarn, capsys):
+    """ADM's mu/sigma come from the TF pipeline: using them with clean-mode features warns, legacy mode does not."""
+    ref = tmp_path / "adm_ref.npz"
+    mu, sigma = np.zeros(2048, np.float64), np.eye(2048)
+    np.savez(ref, arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=mu, sigma=sigma)
+    with pytest.warns(UserWarning, match="not comparable with clean-mode"):
+        stats = reference_features(str(ref), build_inception("fid_helper", "clean"), use_precomputed=True)
+    assert np.array_equal(stats.mu, mu) and "WARNING: metrics.use_precomputed=true" in capsys.readouterr().err
+    recwarn.clear()
+    reference_features(str(ref), build_inception("fid_helper", "legacy_tensorflow"), use_precomputed=True)
+    assert not [w for w in recwarn if "not comparable" in str(w.message)]
