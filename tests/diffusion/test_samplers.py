@@ -1,6 +1,7 @@
 """Samplers against closed-form velocity fields (float64): distributions, convergence orders, SiT's SDE."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -69,6 +70,23 @@ def test_dopri5_tight_tolerance_matches_exact_solution() -> None:
     assert float((out - GAUSS.solution(x0)).abs().max()) < 1e-7
     loose = sample(GAUSS.model, x0, _labels(64), method="dopri5", atol=1e-3, rtol=1e-3)
     assert float((loose - GAUSS.solution(x0)).abs().max()) > 1e-7
+
+
+def test_dopri5_converges_as_tolerance_tightens() -> None:
+    """atol = rtol from 1e-3 to 1e-9: the error against the closed-form solution tracks the tolerance (falls by
+    orders of magnitude, never rises by more than noise) while the adaptive step count, hence NFE, grows."""
+    x0 = _noise(64, seed=7)
+    tols = [10.0**-e for e in range(3, 10)]
+    errs, nfes = [], []
+    for tol in tols:
+        stats = CallStats()
+        out = sample(GAUSS.model, x0, _labels(64), method="dopri5", atol=tol, rtol=tol, stats=stats)
+        errs.append(float((out - GAUSS.solution(x0)).abs().max()))
+        nfes.append(stats.nfe)
+    assert all(b <= 1.5 * a for a, b in itertools.pairwise(errs)), errs
+    assert errs[0] / errs[-1] > 1e5 and errs[-1] < 1e-8, errs
+    assert all(e <= 100 * tol for e, tol in zip(errs, tols)), (errs, tols)
+    assert all(b >= a for a, b in itertools.pairwise(nfes)) and nfes[-1] >= 4 * nfes[0], nfes
 
 
 def test_dopri5_never_evaluates_past_t1() -> None:
