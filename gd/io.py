@@ -57,3 +57,26 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory, making the creation, rename or removal of its entries durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync every regular file under ``path`` and every directory (``path`` included), deepest first."""
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            file_path = os.path.join(root, name)
+            if os.path.isfile(file_path) and not os.path.islink(file_path):
+                fd = os.open(file_path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(root)

@@ -1,7 +1,9 @@
 """``python -m gd.train <hydra overrides>``: compose conf/config.yaml and train (one process, or under torchrun).
 
 Preemption: SIGUSR1 or SIGTERM, or a file ``<run.dir>/STOP``, asks the trainer (through ``stop_requested``) to
-checkpoint on every rank and return; a later launch in the same run.dir resumes from that checkpoint.
+checkpoint on every rank and return; a later launch in the same run.dir resumes from that checkpoint. Once train()
+has returned (the stop honoured, the checkpoint written), rank 0 deletes ``STOP``, so the next launch trains on
+instead of stopping again after one step.
 """
 from __future__ import annotations
 
@@ -31,9 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda signum, frame: requested.set())
     stop_file = Path(cfg.run.dir) / "STOP"
 
+    from gd.train.engine import dist_env
     from gd.train.loop import train
 
     result = train(cfg, stop_requested=lambda: requested.is_set() or stop_file.exists())
+    if dist_env()[0] == 0 and stop_file.exists():
+        stop_file.unlink(missing_ok=True)
+        logging.getLogger("gd.train").info("stop honoured at step %d; removed %s", result["step"], stop_file)
     logging.getLogger("gd.train").info("result: %s", result)
     return 0
 

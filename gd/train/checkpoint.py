@@ -10,8 +10,10 @@ Layout under ``<run.dir>/checkpoints/``::
         config.yaml        the resolved run config (rank 0)
     latest                 text file naming the newest complete step directory
 
-A checkpoint is written into ``.tmp-step_XXXXXXXX``; only after every rank has finished (barrier) does rank 0
-rename it to ``step_XXXXXXXX`` and then replace ``latest`` (temp file + os.replace). A write interrupted at any
+A checkpoint is written into ``.tmp-step_XXXXXXXX``; once every rank has finished (barrier), every rank fsyncs the
+files in it (on a shared file system only the writer's fsync flushes its data), and then rank 0 fsyncs the folder,
+renames it to ``step_XXXXXXXX``, fsyncs ``checkpoints/`` and replaces ``latest`` (temp file + fsync + os.replace).
+The consolidated EMA is gathered to rank 0 only. A write interrupted at any
 point therefore leaves ``latest`` naming the previous complete checkpoint; leftover temp directories are removed
 by the next save or resume.
 """
@@ -30,7 +32,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from gd.io import atomic_write_text
+from gd.io import atomic_write_text, fsync_dir, fsync_tree
 from gd.train.ema import ShardedEMA
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -119,19 +121,24 @@ class CheckpointManager:
         engine.save_checkpoint(str(tmp), tag="engine", save_latest=False)
         if fault_hook:
             fault_hook("engine_saved")
-        ema_state = ema.full_state()
+        ema_state = ema.full_state()  # rank 0 only; None elsewhere
         torch.save({"loaders": {k: v.state_dict() for k, v in loaders.items()}, "rng": rng_state()},
                    tmp / f"rank_{self.rank:05d}.pt")
         if self.rank == 0:
             torch.save(ema_state, tmp / "ema.pt")
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": self.world}, indent=1))
+        del ema_state
+        _barrier()
+        fsync_tree(tmp)
         _barrier()
         if self.rank == 0:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            fsync_dir(self.dir)
             atomic_write_text(self.dir / "latest", name + "\n")
+            fsync_dir(self.dir)
             for old in self.steps()[:-self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
@@ -163,7 +170,8 @@ class CheckpointManager:
                                               load_lr_scheduler_states=True, load_module_strict=True)
         if load_path is None:
             raise CheckpointMismatchError(f"DeepSpeed found no engine state under {path / 'engine'}")
-        ema.load_full_state(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
+        # Memory-mapped: each rank reads only its own slices, not a whole CPU copy of the EMA.
+        ema.load_full_state(torch.load(path / "ema.pt", map_location="cpu", weights_only=True, mmap=True))
         own = torch.load(path / f"rank_{self.rank:05d}.pt", map_location="cpu", weights_only=False)
         for key, loader in loaders.items():
             loader.load_state_dict(own["loaders"][key])

@@ -1,15 +1,24 @@
-"""fp32 exponential moving average of the model weights, sharded over ranks the way ZeRO-3 shards parameters.
+"""fp32 exponential moving average of the fp32 master weights, sharded over ranks.
 
-Each rank keeps, for every parameter, the same slice ZeRO-3 would give it: ``chunk = ceil(numel / world)``
-elements starting at ``rank * chunk`` (zero-padded). Under ZeRO-3 that slice *is* the parameter's local
-partition (``param.ds_tensor``), so the update needs no communication and never materialises the full model;
-under ZeRO 0-2 (replicated parameters) the slice is a view of the full parameter. Every rank therefore holds
-1/world of the EMA, and :meth:`ShardedEMA.full_state` all-gathers it once for a checkpoint or the export.
+Each rank averages only the elements whose master weights it owns, so the update needs no communication and never
+materialises the full model; :meth:`ShardedEMA.full_state` gathers the shards to rank 0 for a checkpoint or the
+export. Where the master weights live depends on the engine:
+
+* fp32 module (``train.precision=fp32`` / ``bf16_autocast``): the module's parameters are the master weights.
+  Rank r keeps ZeRO-3's slice of every parameter, ``chunk = ceil(numel / world)`` elements from ``r * chunk``:
+  under ZeRO-3 that is ``param.ds_tensor``, under ZeRO 0-2 a view of the replicated parameter.
+* bf16 module (DeepSpeed bf16): the module holds bf16 copies; averaging them would inherit bf16 rounding (at
+  lr 1e-4 most updates are below bf16's resolution), so the EMA reads the optimizer's fp32 masters instead:
+  ZeRO-3 ``safe_get_local_fp32_param`` (same slice layout as above); ZeRO-1/2 and DeepSpeed's BF16_Optimizer the
+  fp32 fragment of each parameter this rank's optimizer partition holds (``param._hp_mapping``, a contiguous
+  range of the flattened parameter, possibly empty); stage 0 (DeepSpeed's unfused bf16 optimizer) the full fp32
+  copy of each parameter, sliced like a replicated fp32 parameter.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,11 +32,15 @@ def _world() -> tuple[int, int]:
 
 
 class ShardedEMA:
-    """``ema = decay * ema + (1 - decay) * param`` in fp32 over all of ``module``'s named parameters."""
+    """``ema = decay * ema + (1 - decay) * master`` in fp32 over all of ``module``'s named parameters.
+
+    ``optimizer`` is the DeepSpeed engine's optimizer (``engine.optimizer``); it is only consulted when the module's
+    parameters are not fp32, to find their fp32 master copies. ``rank_world`` overrides the process group's
+    (rank, world size), e.g. to lay out shards in a test (fp32 layout only).
+    """
 
     def __init__(self, module: torch.nn.Module, decay: float, zero3: bool = False,
-                 rank_world: tuple[int, int] | None = None) -> None:
-        """``rank_world`` overrides the process group's (rank, world size), e.g. to lay out shards in a test."""
+                 rank_world: tuple[int, int] | None = None, optimizer: Any = None) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"train.ema_decay={decay}: expected a value in [0, 1]")
         self.decay = float(decay)
@@ -37,62 +50,140 @@ class ShardedEMA:
         self.shapes = {name: tuple(p.ds_shape if zero3 else p.shape) for name, p in self.params}
         self.numels = {name: math.prod(shape) for name, shape in self.shapes.items()}
         self.chunks = {name: math.ceil(n / self.world) for name, n in self.numels.items()}
-        offsets, total = {}, 0
-        for name, _ in self.params:
-            offsets[name] = total
-            total += self.chunks[name]
-        self.offsets = offsets
+        self.optimizer = optimizer
+        low_precision = any(p.dtype != torch.float32 for _, p in self.params)
+        self.source = "module"
+        if low_precision:
+            if zero3:
+                self.source = "zero3_fp32"
+            elif self.params and all(hasattr(p, "_hp_mapping") for _, p in self.params):
+                self.source = "hp_mapping"
+            elif hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups"):
+                self.source = "fp32_groups"
+            else:
+                raise ValueError(f"EMA: the module's parameters are {self.params[0][1].dtype}, but the optimizer "
+                                 f"{type(optimizer).__name__} exposes no fp32 master weights this EMA knows how to "
+                                 f"read (ZeRO-3, ZeRO-1/2 hp mapping, or fp16_groups/fp32_groups)")
+        # Per rank, its segments (parameter index, start in the flattened parameter, length, offset in its flat).
+        if self.source == "hp_mapping":
+            own, total = [], 0
+            for i, (_, p) in enumerate(self.params):
+                if p._hp_mapping is not None:
+                    address = p._hp_mapping.lp_fragment_address
+                    own.append((i, int(address.start), int(address.numel), total))
+                    total += int(address.numel)
+            self.segments = self._gather_segments(own)
+        else:
+            self.segments = [self._chunk_segments(r) for r in range(self.world)]
+        self._check_coverage()
+        if self.source == "hp_mapping":
+            self.flat_len = max((off + length for segs in self.segments for _, _, length, off in segs), default=0)
+            own_len = max((off + length for _, _, length, off in self.segments[self.rank]), default=0)
+        else:  # every rank the same size: ZeRO-3's padded chunks
+            self.flat_len = own_len = sum(self.chunks.values())
+        self.offsets = {self.params[i][0]: off for i, _, _, off in self.segments[self.rank]}
         device = self.params[0][1].device if self.params else torch.device("cpu")
-        self.flat = torch.zeros(total, dtype=torch.float32, device=device)
-        self._dst = [self.flat[offsets[n]:offsets[n] + self._local_len(n)] for n, _ in self.params]
+        self.flat = torch.zeros(own_len, dtype=torch.float32, device=device)
+        self._dst = [self.flat[off:off + length] for _, _, length, off in self.segments[self.rank]]
         self.copy_from_model()
 
-    def _local_len(self, name: str) -> int:
-        return max(0, min(self.chunks[name], self.numels[name] - self.rank * self.chunks[name]))
+    # ---- layout ----------------------------------------------------------------------------------------------
+    def _chunk_segments(self, rank: int) -> list[tuple[int, int, int, int]]:
+        out, offset = [], 0
+        for i, (name, _) in enumerate(self.params):
+            chunk, numel = self.chunks[name], self.numels[name]
+            start = rank * chunk
+            out.append((i, start, max(0, min(chunk, numel - start)), offset))
+            offset += chunk
+        return out
 
+    def _gather_segments(self, own: list[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
+        if self.world == 1 or not dist.is_initialized():
+            return [own]
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, own)
+        return everyone
+
+    def _check_coverage(self) -> None:
+        covered = [0] * len(self.params)
+        for segs in self.segments:
+            for i, _, length, _ in segs:
+                covered[i] += length
+        bad = [f"{name}: {c} of {self.numels[name]}" for (name, _), c in zip(self.params, covered)
+               if c != self.numels[name]]
+        if bad:
+            raise RuntimeError(f"EMA shards do not cover the parameters exactly once ({self.source}): {bad[:5]}")
+
+    # ---- sources ---------------------------------------------------------------------------------------------
     def _sources(self) -> list[Tensor]:
         out = []
-        for (name, p), dst in zip(self.params, self._dst):
-            if self.zero3:
-                src = p.ds_tensor.view(-1)[:dst.numel()]
+        fp32_full = None
+        if self.source == "fp32_groups":
+            fp32_full = {id(lp): hp for lg, hg in zip(self.optimizer.fp16_groups, self.optimizer.fp32_groups)
+                         for lp, hp in zip(lg, hg)}
+        for (i, start, length, _), dst in zip(self.segments[self.rank], self._dst):
+            p = self.params[i][1]
+            if self.source == "module":
+                if self.zero3:
+                    src = p.ds_tensor.view(-1)[:length]
+                else:
+                    src = p.detach().reshape(-1)[start:start + length]
+            elif self.source == "zero3_fp32":
+                from deepspeed.utils import safe_get_local_fp32_param
+
+                src = safe_get_local_fp32_param(p).view(-1)[:length]
+            elif self.source == "hp_mapping":
+                src = p._hp_mapping.get_hp_fragment().view(-1)
             else:
-                start = self.rank * self.chunks[name]
-                src = p.detach().reshape(-1)[start:start + dst.numel()]
-            out.append(src if src.dtype == torch.float32 else src.float())
+                src = fp32_full[id(p)].detach().reshape(-1)[start:start + length]
+            if src.dtype != torch.float32 or src.device != dst.device:
+                src = src.to(dst.device, torch.float32)
+            out.append(src)
         return out
 
     @torch.no_grad()
     def copy_from_model(self) -> None:
-        """Set the EMA to the current weights (decay 0), as at the start of training."""
-        torch._foreach_copy_(self._dst, self._sources())
+        """Set the EMA to the current master weights (decay 0), as at the start of training."""
+        if self._dst:
+            torch._foreach_copy_(self._dst, self._sources())
 
     @torch.no_grad()
     def update(self) -> None:
-        """One EMA step from the current weights; call after each applied optimizer step."""
-        torch._foreach_lerp_(self._dst, self._sources(), 1.0 - self.decay)
+        """One EMA step from the current master weights; call after each applied optimizer step."""
+        if self._dst:
+            torch._foreach_lerp_(self._dst, self._sources(), 1.0 - self.decay)
 
     def local_state(self) -> Tensor:
         return self.flat
 
     @torch.no_grad()
-    def full_state(self) -> dict[str, Tensor]:
-        """The consolidated EMA as a flat fp32 CPU state dict (collective: every rank must call it)."""
+    def full_state(self, dst: int = 0) -> dict[str, Tensor] | None:
+        """The consolidated EMA as a flat fp32 CPU state dict on rank ``dst``, None on the other ranks.
+
+        Collective (every rank must call it); only ``dst`` receives the shards, so the other ranks never hold the
+        whole model.
+        """
+        local = self.flat
+        if local.numel() < self.flat_len:
+            local = torch.cat([local, local.new_zeros(self.flat_len - local.numel())])
         if self.world == 1:
-            gathered = self.flat.unsqueeze(0)
+            shards = [local]
+        elif self.rank == dst:
+            shards = [torch.empty_like(local) for _ in range(self.world)]
+            dist.gather(local, shards, dst=dst)
         else:
-            gathered = torch.empty(self.world * self.flat.numel(), dtype=self.flat.dtype, device=self.flat.device)
-            dist.all_gather_into_tensor(gathered, self.flat)
-            gathered = gathered.view(self.world, -1)
-        state = {}
-        for name, _ in self.params:
-            off, chunk = self.offsets[name], self.chunks[name]
-            full = gathered[:, off:off + chunk].reshape(-1)[:self.numels[name]]
-            state[name] = full.reshape(self.shapes[name]).cpu().clone()
-        return state
+            dist.gather(local, None, dst=dst)
+            return None
+        flats = [s.cpu() for s in shards]
+        state = {name: torch.empty(self.numels[name], dtype=torch.float32) for name, _ in self.params}
+        for flat, segs in zip(flats, self.segments):
+            for i, start, length, off in segs:
+                state[self.params[i][0]][start:start + length].copy_(flat[off:off + length])
+        return {name: state[name].view(self.shapes[name]) for name, _ in self.params}
 
     @torch.no_grad()
     def load_full_state(self, state: Mapping[str, Tensor]) -> None:
-        """Take this rank's slice of a consolidated EMA state dict (any world size wrote it)."""
+        """Take this rank's shard of a consolidated EMA state dict (any world size wrote it)."""
         names = [n for n, _ in self.params]
         missing = [n for n in names if n not in state]
         unexpected = [n for n in state if n not in self.shapes]
@@ -101,6 +192,5 @@ class ShardedEMA:
         if missing or unexpected or wrong:
             raise ValueError(f"EMA state does not fit the model: missing {missing[:5]}, unexpected "
                              f"{unexpected[:5]}, shape mismatches {wrong[:5]}")
-        for name, dst in zip(names, self._dst):
-            start = self.rank * self.chunks[name]
-            dst.copy_(state[name].reshape(-1)[start:start + dst.numel()].to(dst.device, torch.float32))
+        for (i, start, length, _), dst in zip(self.segments[self.rank], self._dst):
+            dst.copy_(state[names[i]].reshape(-1)[start:start + length].to(dst.device, torch.float32))

@@ -2,6 +2,12 @@
 
 Everything that can be wrong with a config is checked by :func:`batch_layout` / :func:`deepspeed_config` before
 any process group, model or data exists, so a bad run fails in seconds with the offending values in the message.
+
+Unused parameters: on a conditional GroupDiff-l step ``sample_embed`` receives no gradient. Plain torch AdamW skips
+a parameter whose ``grad`` is None, but ZeRO (and DeepSpeed's bf16 optimizers) step flat fp32 partitions with a zero
+gradient there, so Adam's momentum (m / sqrt(v)) still moves it on those steps: a known deviation from plain torch
+AdamW. Weight decay would additionally shrink it every conditional step, so ``sample_embed`` sits in a parameter
+group with ``weight_decay=0`` (:func:`param_groups`).
 """
 from __future__ import annotations
 
@@ -70,8 +76,10 @@ def init_distributed(timeout_s: float = 1800.0) -> Dist:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        # Sites that bind one GPU per task show each process a single device whatever its LOCAL_RANK.
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        device, backend = torch.device("cuda", index), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
@@ -217,8 +225,29 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+NO_DECAY = ("sample_embed",)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: parameters named in :data:`NO_DECAY` get ``weight_decay=0``.
+
+    With ``weight_decay == 0`` there is a single group, so such runs (and their checkpoints) keep one group.
+    """
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if weight_decay == 0.0:
+        return [{"params": [p for _, p in params]}]
+    decay = [p for n, p in params if n not in NO_DECAY]
+    no_decay = [p for n, p in params if n in NO_DECAY]
+    groups = [{"params": decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
 def build_optimizer(params: Iterable, train_cfg: Mapping[str, Any], device: torch.device) -> GuardedAdamW:
-    """AdamW from ``cfg.train`` (lr, betas, weight_decay), fused on CUDA, foreach elsewhere."""
+    """AdamW from ``cfg.train`` (lr, betas, weight_decay), fused on CUDA, foreach elsewhere.
+
+    ``params``: parameters or parameter groups (a group's own ``weight_decay`` overrides ``cfg.train``'s)."""
     betas = tuple(float(b) for b in train_cfg.get("betas", (0.9, 0.999)))
     impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return GuardedAdamW(params, partitioned=int(train_cfg["zero_stage"]) >= 1, lr=float(train_cfg["lr"]),
@@ -232,7 +261,7 @@ def build_engine(model: torch.nn.Module, train_cfg: Mapping[str, Any], layout: B
 
     config = deepspeed_config(train_cfg, layout)
     model = model.to(device)
-    optimizer = build_optimizer(model.parameters(), train_cfg, device)
+    optimizer = build_optimizer(param_groups(model, float(train_cfg.get("weight_decay", 0.0))), train_cfg, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                            dist_init_required=False)
     if train_cfg.get("compile"):

@@ -117,7 +117,7 @@ def train(cfg: DictConfig, stop_requested: Callable[[], bool] | None = None) -> 
     throughput = Throughput(model, d.world_size, float(t_cfg.peak_tflops))
     engine, optimizer = eng.build_engine(model, t_cfg, layout, d.device)
     zero3 = int(t_cfg.zero_stage) == 3
-    ema = ShardedEMA(engine.module, float(t_cfg.ema_decay), zero3=zero3)
+    ema = ShardedEMA(engine.module, float(t_cfg.ema_decay), zero3=zero3, optimizer=engine.optimizer)
     plan = BatchPlan(d_cfg.mode, n, float(d_cfg.p_group), float(cfg.model.class_dropout_prob),
                      int(cfg.model.num_classes), int(cfg.seed))
     plain_loader, group_loader = build_loaders(cfg.data, group_size=n, micro_batch=layout.micro_batch,

@@ -199,3 +199,93 @@ def test_bench_prints_reference_and_engine_rows(capsys):
     assert [r.split("|")[1].strip() for r in table] == ["reference", "engine"]
     for row in table:
         assert float(row.split("|")[5]) > 0, row  # img/s measured, no error
+
+
+# ---- EMA of the fp32 master weights under DeepSpeed bf16 (world of 1, in-process) ------------------------------------
+def _fp32_masters(engine, stage: int) -> dict[str, torch.Tensor]:
+    """The optimizer's fp32 master weights, read through DeepSpeed's own accessors (independent of ShardedEMA)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if stage == 0:  # DeepSpeed's unfused bf16 optimizer: a full fp32 copy of every parameter
+        opt = engine.optimizer
+        masters = {id(lp): hp for lg, hg in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lg, hg)}
+        return {n: masters[id(p)].detach().clone() for n, p in engine.module.named_parameters()}
+    return {n: safe_get_full_fp32_param(p).detach().cpu().clone().view(p.ds_shape if stage == 3 else p.shape)
+            for n, p in engine.module.named_parameters()}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_ema_tracks_fp32_masters_under_bf16(stage):
+    from gd.models import build_model
+    from gd.train.engine import build_engine, init_distributed
+
+    d = init_distributed()
+    torch.manual_seed(0)
+    model = build_model("SiT-S/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False, hidden_size=32,
+                        depth=1, num_heads=2, max_group_size=4)
+    t = {"zero_stage": stage, "precision": "bf16", "global_batch": 4, "micro_batch": 4, "lr": 1e-3,
+         "weight_decay": 0.0, "grad_clip": 0.0}
+    engine, _ = build_engine(model, t, batch_layout(t, 1), d.device)
+    ema = ShardedEMA(engine.module, 0.0, zero3=stage == 3, optimizer=engine.optimizer)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        x = torch.randn(4, 1, 8, 8, generator=gen).to(torch.bfloat16)
+        out = engine(x, torch.rand(4, generator=gen), torch.randint(0, 10, (4,), generator=gen))
+        engine.backward((out.float() - x.float()).pow(2).mean())
+        engine.step()
+        ema.update()
+    masters, state = _fp32_masters(engine, stage), ema.full_state()
+    assert state.keys() == masters.keys()
+    rounded = 0
+    for name, master in masters.items():
+        assert torch.equal(state[name], master.float().cpu()), f"{name}: EMA (decay 0) is not the fp32 master"
+        rounded += int((master.bfloat16().float() != master).sum())
+    assert rounded > 0, "the masters equal their bf16 rounding: the test could not tell them apart"
+    del engine, ema
+    gc.collect()
+
+
+@pytest.mark.slow
+def test_stop_file_is_honoured_once_then_removed(fm_shards, tmp_path):
+    import signal
+
+    from gd.train.__main__ import main
+
+    run = tmp_path / "stopfile"
+    run.mkdir()
+    (run / "STOP").write_text("")
+    args = overrides(fm_shards, run, "train.global_batch=8", "train.steps=3", "train.ckpt_every=100")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        assert main(args) == 0
+        _free_streaming(fm_shards)
+        assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+        assert not (run / "STOP").exists() and not (run / "ema.pt").exists()
+        assert main(args) == 0  # the next launch trains on instead of stopping after one step
+        _free_streaming(fm_shards)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003" and (run / "ema.pt").is_file()
+    assert [r["step"] for r in _records(run) if "loss" in r] == [1, 2, 3]
+
+
+def test_sample_embed_has_no_weight_decay():
+    from gd.models import build_model
+    from gd.train.engine import build_optimizer, param_groups
+
+    model = build_model("SiT-S/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False, hidden_size=32,
+                        depth=1, num_heads=2, max_group_size=4)
+    assert len(param_groups(model, 0.0)) == 1  # runs without weight decay keep one group (and their checkpoints)
+    groups = param_groups(model, 0.01)
+    assert len(groups) == 2 and groups[1]["params"] == [model.sample_embed] and groups[1]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    opt = build_optimizer(groups, {"zero_stage": 1, "lr": 1e-2, "weight_decay": 0.01}, torch.device("cpu"))
+    with torch.no_grad():
+        model.sample_embed.fill_(1.0)
+    before = model.sample_embed.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # a conditional step, as ZeRO sees it: sample_embed's gradient is zero
+    opt.step()
+    assert torch.equal(model.sample_embed, before)
+    assert opt.param_groups[0]["weight_decay"] == 0.01

@@ -133,3 +133,24 @@ def test_zero3_interrupted_checkpoint_and_resume(zero2_reference, fm_shards, tmp
     ema3, ema2 = ema(run), ema(zero2_reference)
     for key in ema2:
         torch.testing.assert_close(ema3[key], ema2[key], rtol=1e-3, atol=1e-4)
+
+
+def test_bf16_ema_shards_gather_fp32_masters(tmp_path):
+    """bf16, 2 ranks, ZeRO-1/2 (optimizer-partition fragments) and ZeRO-3: decay-0 EMA == full fp32 masters."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.train.conftest import REPO, _free_port
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(REPO / "tests" / "train" / "bf16_ema_worker.py")]
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("stage ")]
+    assert [line.split(":")[0] for line in lines] == ["stage 1", "stage 2", "stage 3"], out[-3000:]
+    for line in lines:
+        assert "equal=True" in line and "off_grid=0" not in line, line
+    assert "source=hp_mapping" in lines[0] and "source=zero3_fp32" in lines[2]
