@@ -55,8 +55,10 @@ def atomic_save_npy(path: str | os.PathLike, arr: np.ndarray) -> None:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a file object the archive's inner folder is "archive", not the random temp name: identical
+    # content gives identical bytes, so checkpoint hashes (recorded with samples) are stable across re-exports.
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
