@@ -96,10 +96,10 @@ def report(run_dir: Path, eval_json: Path, out_dir: Path, baseline: tuple[Path, 
     with atomic_path(out_dir / "samples.png") as tmp:
         shutil.copyfile(grid, tmp)
     runs = {"GroupDiff": run_dir}
-    metrics = {"groupdiff": _summary(run_dir, ev)}
+    metrics = {"groupdiff": _summary(run_dir, ev, eval_json)}
     if baseline is not None:
         runs["plain SiT"] = baseline[0]
-        metrics["plain_sit"] = _summary(baseline[0], json.loads(baseline[1].read_text()))
+        metrics["plain_sit"] = _summary(baseline[0], json.loads(baseline[1].read_text()), baseline[1])
     plot_losses(runs, out_dir / "loss.png")
     metrics["note"] = ("FID on a few thousand 28x28 Fashion-MNIST images against the test split, with "
                        + ev.get("fid_label", "FID") + "; not comparable to ImageNet FID-50K")
@@ -107,7 +107,7 @@ def report(run_dir: Path, eval_json: Path, out_dir: Path, baseline: tuple[Path, 
     return metrics
 
 
-def _summary(run_dir: Path, ev: dict) -> dict:
+def _summary(run_dir: Path, ev: dict, eval_json: Path) -> dict:
     series = _losses(run_dir)
     steps, _ = series["all"]
     cond_steps, cond = series["cond"]
@@ -125,7 +125,7 @@ def _summary(run_dir: Path, ev: dict) -> dict:
         "steps": int(steps[-1]),
         "logs_with_group_steps": int(len(group_steps)),
         "final_cond_loss": float(np.mean(tail)),
-        "eval_json": str(ev.get("json", "")),
+        "eval_json": str(eval_json),
     }
 
 
