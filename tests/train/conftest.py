@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,10 +66,22 @@ def wait(proc: subprocess.Popen, log: Path, timeout: float = 240) -> int:
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal torchrun and every worker, and wait until all are gone.
+
+    torch elastic starts its workers in sessions of their own, so a signal to torchrun's process group misses
+    them: a "killed" run would keep training beside the resumed one. The tree is collected before the signal.
+    """
     try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    gone, alive = psutil.wait_procs(tree, timeout=60)
+    assert not alive, f"processes survived signal {sig}: {alive}"
     proc.wait(timeout=60)
 
 
