@@ -170,6 +170,7 @@ class CheckpointManager:
                                               load_lr_scheduler_states=True, load_module_strict=True)
         if load_path is None:
             raise CheckpointMismatchError(f"DeepSpeed found no engine state under {path / 'engine'}")
+        ema.refresh()
         # Memory-mapped: each rank reads only its own slices, not a whole CPU copy of the EMA.
         ema.load_full_state(torch.load(path / "ema.pt", map_location="cpu", weights_only=True, mmap=True))
         own = torch.load(path / f"rank_{self.rank:05d}.pt", map_location="cpu", weights_only=False)

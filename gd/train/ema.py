@@ -11,8 +11,8 @@ export. Where the master weights live depends on the engine:
   lr 1e-4 most updates are below bf16's resolution), so the EMA reads the optimizer's fp32 masters instead:
   ZeRO-3 ``safe_get_local_fp32_param`` (same slice layout as above); ZeRO-1/2 and DeepSpeed's BF16_Optimizer the
   fp32 fragment of each parameter this rank's optimizer partition holds (``param._hp_mapping``, a contiguous
-  range of the flattened parameter, possibly empty); stage 0 (DeepSpeed's unfused bf16 optimizer) the full fp32
-  copy of each parameter, sliced like a replicated fp32 parameter.
+  range of the flattened parameter, possibly empty). (Stage 0 with DeepSpeed bf16 is refused by
+  gd.train.engine.deepspeed_config.)
 """
 from __future__ import annotations
 
@@ -58,12 +58,10 @@ class ShardedEMA:
                 self.source = "zero3_fp32"
             elif self.params and all(hasattr(p, "_hp_mapping") for _, p in self.params):
                 self.source = "hp_mapping"
-            elif hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups"):
-                self.source = "fp32_groups"
             else:
                 raise ValueError(f"EMA: the module's parameters are {self.params[0][1].dtype}, but the optimizer "
                                  f"{type(optimizer).__name__} exposes no fp32 master weights this EMA knows how to "
-                                 f"read (ZeRO-3, ZeRO-1/2 hp mapping, or fp16_groups/fp32_groups)")
+                                 f"read (ZeRO-3, or the ZeRO-1/2 hp mapping)")
         # Per rank, its segments (parameter index, start in the flattened parameter, length, offset in its flat).
         if self.source == "hp_mapping":
             own, total = [], 0
@@ -84,6 +82,7 @@ class ShardedEMA:
         self.offsets = {self.params[i][0]: off for i, _, _, off in self.segments[self.rank]}
         device = self.params[0][1].device if self.params else torch.device("cpu")
         self.flat = torch.zeros(own_len, dtype=torch.float32, device=device)
+        self._src: list[Tensor] | None = None
         self._dst = [self.flat[off:off + length] for _, _, length, off in self.segments[self.rank]]
         self.copy_from_model()
 
@@ -116,12 +115,24 @@ class ShardedEMA:
 
     # ---- sources ---------------------------------------------------------------------------------------------
     def _sources(self) -> list[Tensor]:
+        """Views of this rank's master elements, resolved once: they alias the engine's persistent fp32 storage, and
+        resolving them per step costs per-parameter host work (under ZeRO-3 bf16 a stream sync per parameter).
+        :meth:`refresh` drops them, e.g. after the engine loaded a checkpoint."""
+        if self._src is not None:
+            return self._src
+        views = self._resolve_sources()
+        if all(v.dtype == torch.float32 and v.device == d.device for v, d in zip(views, self._dst)):
+            self._src = views
+            return views
+        return [v.to(d.device, torch.float32) for v, d in zip(views, self._dst)]  # copies: never cached
+
+    def refresh(self) -> None:
+        """Forget the resolved source views (call after anything may have replaced the engine's tensors)."""
+        self._src = None
+
+    def _resolve_sources(self) -> list[Tensor]:
         out = []
-        fp32_full = None
-        if self.source == "fp32_groups":
-            fp32_full = {id(lp): hp for lg, hg in zip(self.optimizer.fp16_groups, self.optimizer.fp32_groups)
-                         for lp, hp in zip(lg, hg)}
-        for (i, start, length, _), dst in zip(self.segments[self.rank], self._dst):
+        for i, start, length, _ in self.segments[self.rank]:
             p = self.params[i][1]
             if self.source == "module":
                 if self.zero3:
@@ -132,12 +143,8 @@ class ShardedEMA:
                 from deepspeed.utils import safe_get_local_fp32_param
 
                 src = safe_get_local_fp32_param(p).view(-1)[:length]
-            elif self.source == "hp_mapping":
-                src = p._hp_mapping.get_hp_fragment().view(-1)
             else:
-                src = fp32_full[id(p)].detach().reshape(-1)[start:start + length]
-            if src.dtype != torch.float32 or src.device != dst.device:
-                src = src.to(dst.device, torch.float32)
+                src = p._hp_mapping.get_hp_fragment().view(-1)
             out.append(src)
         return out
 

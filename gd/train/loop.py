@@ -228,8 +228,7 @@ def train(cfg: DictConfig, stop_requested: Callable[[], bool] | None = None) -> 
                                    **{f"s_cross_l{k}": v for k, v in scores.items()}})
             if step % int(t_cfg.log_every) == 0 or step == steps:
                 stats = throughput.read()
-                norm = engine.get_global_grad_norm()
-                norm = optimizer.last_grad_norm if norm is None else float(norm)
+                norm = optimizer.last_grad_norm  # global, before clipping (DeepSpeed's own norm is off)
                 metrics.log(step, {
                     "loss": window_loss / window_n if window_n else math.nan, "grad_norm": norm,
                     "lr": float(optimizer.param_groups[0]["lr"]), "group_size": sp.group_size,
