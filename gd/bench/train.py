@@ -4,9 +4,10 @@
     python -m gd.bench.train +exp=groupdiff16 'train.bench.variants=[z2,z0,z0_autocast]' 'train.bench.compile=[false]'
 
 Everything runs in one process on one device with synthetic latents (no data pipeline), so the two columns differ
-only by the step itself. reference = fp32 weights, bf16 autocast, fused torch AdamW (the official recipe in bf16).
-engine = gd.train.engine.build_engine with cfg.train plus each variant of train.bench.ds_variants merged in (ZeRO
-stage, precision, bucket sizes, ...), the same GuardedAdamW the trainer uses. FLOPs are gd.models.flops x3 at the
+only by the step itself. reference = fp32 weights, bf16 autocast, fused torch AdamW, fp32 EMA
+and one loss.item() per step (the official recipe in bf16). engine = the trainer's step: gd.train.engine.build_engine
+with cfg.train plus each variant of train.bench.ds_variants merged in (ZeRO stage, precision, bucket sizes, ...), the
+same GuardedAdamW, read-back and ShardedEMA as gd.train.loop. FLOPs are gd.models.flops x3 at the
 step's group size; MFU against train.peak_tflops. Prints one row per configuration and a table at the end.
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,7 +59,25 @@ def _batch(model: torch.nn.Module, batch: int, device: torch.device) -> tuple[to
     return x.to(device), y.to(device)
 
 
-def _time(step: Any, warmup: int, steps: int) -> float:
+@dataclass
+class Step:
+    """One optimizer step in three phases, so a profiler can attribute costs: ``forward() -> loss``,
+    ``backward(loss)`` (gradients, plus the trainer's once-per-step loss read-back for the engine), ``update()``
+    (optimizer, EMA). ``params`` is the model's parameter count; ``keep`` holds what must outlive the step."""
+
+    forward: Callable[[], torch.Tensor]
+    backward: Callable[[torch.Tensor], None]
+    update: Callable[[], None]
+    params: int
+    keep: Any = None
+
+    def __call__(self) -> None:
+        loss = self.forward()
+        self.backward(loss)
+        self.update()
+
+
+def _time(step: Callable[[], None], warmup: int, steps: int) -> float:
     for _ in range(warmup):
         step()
     _sync()
@@ -67,51 +88,86 @@ def _time(step: Any, warmup: int, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def run_reference(cfg: Any, n: int, compile_: bool, device: torch.device) -> tuple[float, Any]:
+def reference_step(cfg: Any, n: int, compile_: bool, device: torch.device, fused: bool | None = None,
+                   autocast: bool | None = None) -> Step:
+    """The official recipe in bf16: fp32 weights, bf16 autocast, fused AdamW, clipping from ``cfg.train``, an fp32
+    EMA of every parameter (``train.bench.ema``) and ``loss.item()`` once per step, as SiT's train.py does.
+    ``fused`` / ``autocast`` None: as on CUDA when on CUDA, foreach AdamW and fp32 elsewhere."""
     from gd.diffusion.objective import group_loss
 
     b = cfg.train.bench
     model = _build(cfg).to(device).train()
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    fused = device.type == "cuda" if fused is None else fused
+    impl = {"fused": True} if fused else {"foreach": True}
     opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.train.lr), betas=tuple(cfg.train.betas),
-                            weight_decay=float(cfg.train.weight_decay), **fused)
+                            weight_decay=float(cfg.train.weight_decay), **impl)
+    params = list(model.parameters())
+    ema = [p.detach().clone() for p in params] if bool(b.get("ema", True)) else []
+    decay = float(cfg.train.ema_decay)
     fwd = torch.compile(model) if compile_ else model
     x, y = _batch(model, int(b.batch), device)
     gen = torch.Generator(device=device).manual_seed(0)
-    amp = device.type == "cuda"
+    amp = device.type == "cuda" if autocast is None else autocast
 
-    def step() -> None:
+    def forward() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss, _ = group_loss(lambda xt, t, yy, gs: fwd(xt, t, yy, group_size=gs), x, y, n, generator=gen)
+        return loss
+
+    def backward(loss: torch.Tensor) -> None:
         loss.backward()
+        loss.item()
+
+    def update() -> None:
         if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.train.grad_clip))
+            torch.nn.utils.clip_grad_norm_(params, float(cfg.train.grad_clip), foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
 
-    dt = _time(step, int(b.warmup), int(b.steps))
-    return dt, model
+    return Step(forward, backward, update, sum(p.numel() for p in params), (model, opt, ema))
 
 
-def run_engine(cfg: Any, n: int, compile_: bool, variant: dict, device: torch.device) -> tuple[float, Any]:
+def engine_step(cfg: Any, n: int, compile_: bool, variant: dict, device: torch.device,
+                fused: bool | None = None) -> Step:
+    """The trainer's step (gd.train.loop) on synthetic data: DeepSpeed engine forward / backward / step with the
+    trainer's GuardedAdamW, its one host read-back per step (loss sum and non-finite flag) and its ShardedEMA."""
     from gd.diffusion.objective import group_loss
+    from gd.train.ema import ShardedEMA
 
     b = cfg.train.bench
     train_cfg = OmegaConf.merge(cfg.train, {"global_batch": int(b.batch), "micro_batch": int(b.batch),
                                             "compile": bool(compile_)}, variant)
     layout = eng.batch_layout(train_cfg, 1, n)
     model = _build(cfg)
-    engine, optimizer = eng.build_engine(model, train_cfg, layout, device)
+    params = sum(p.numel() for p in model.parameters())
+    engine, optimizer = eng.build_engine(model, train_cfg, layout, device, fused=fused)
+    ema = ShardedEMA(engine.module, float(train_cfg.ema_decay), zero3=int(train_cfg.zero_stage) == 3,
+                     optimizer=engine.optimizer) if bool(b.get("ema", True)) else None
     x, y = _batch(model, int(b.batch), device)
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def step() -> None:
+    def forward() -> torch.Tensor:
         loss, _ = group_loss(lambda xt, t, yy, gs: engine(xt, t, yy, group_size=gs), x, y, n, generator=gen)
-        engine.backward(loss)
-        engine.step()
+        return loss
 
-    dt = _time(step, int(b.warmup), int(b.steps))
-    return dt, (engine, optimizer, model)
+    def backward(loss: torch.Tensor) -> None:
+        engine.backward(loss)
+        value = loss.detach().double()
+        finite = torch.isfinite(value)
+        acc = torch.stack([torch.where(finite, value, torch.zeros_like(value)), (~finite).double()])
+        _, bad = acc.tolist()
+        optimizer.force_skip = bad > 0
+        optimizer.last_skipped = False
+
+    def update() -> None:
+        engine.step()
+        if ema is not None and not (optimizer.last_skipped or not engine.was_step_applied()):
+            ema.update()
+
+    return Step(forward, backward, update, params, (engine, optimizer, model, ema))
 
 
 def _measure(cfg: Any, spec: dict, device: torch.device) -> dict:
@@ -119,25 +175,32 @@ def _measure(cfg: Any, spec: dict, device: torch.device) -> dict:
     from gd.models.flops import forward_flops
 
     b = cfg.train.bench
-    n, compile_ = int(spec["n"]), bool(spec["compile"])
+    n = int(spec["n"])
     flops = 3.0 * forward_flops(_build(cfg), group_size=n)
     peak = float(cfg.train.peak_tflops)
     row = dict(spec, ips=math.nan, tflops=math.nan, mfu=math.nan, mem=math.nan, error="")
     _free()
     try:
-        if spec["mode"] == "reference":
-            dt, keep = run_reference(cfg, n, compile_, device)
-        else:
-            variant = OmegaConf.to_container(b.ds_variants[spec["variant"]], resolve=True)
-            dt, keep = run_engine(cfg, n, compile_, variant, device)
+        step = build_step(cfg, spec, device, fused=b.get("fused"))
+        dt = _time(step, int(b.warmup), int(b.steps))
         ips = int(b.batch) * int(b.steps) / dt
         tflops = ips * flops / 1e12
         row.update(ips=ips, tflops=tflops, mfu=tflops / peak if peak > 0 else math.nan,
                    mem=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else math.nan)
-        del keep
+        del step
     except Exception as err:  # one failing configuration should not lose the others' numbers
         row["error"] = f"{type(err).__name__}: {str(err)[:160]}"
     return row
+
+
+def build_step(cfg: Any, spec: dict, device: torch.device, fused: bool | None = None,
+               autocast: bool | None = None) -> Step:
+    """The :class:`Step` a row of :func:`_specs` names (reference, or the engine with its ds_variant)."""
+    n, compile_ = int(spec["n"]), bool(spec["compile"])
+    if spec["mode"] == "reference":
+        return reference_step(cfg, n, compile_, device, fused, autocast)
+    variant = OmegaConf.to_container(cfg.train.bench.ds_variants[spec["variant"]], resolve=True)
+    return engine_step(cfg, n, compile_, variant, device, fused)
 
 
 def _specs(b: Any) -> list[dict]:
@@ -165,26 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     cfg = compose_config(args)
     b = cfg.train.bench
-    one = os.environ.get(_CHILD)
-    if one is not None:
-        eng.init_distributed()
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
-            torch.device("cpu")
-        print(_RESULT + json.dumps(_measure(cfg, json.loads(one), device)), flush=True)
+    if child_measure(cfg, _measure):
         return 0
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"# {cfg.model.name} input {cfg.model.input_size} batch {b.batch} on {gpu}; steps {b.steps} "
           f"(+{b.warmup} warmup); peak {cfg.train.peak_tflops} TFLOP/s", flush=True)
-    rows = []
-    for spec in _specs(b):
-        if bool(b.get("isolate", True)):
-            rows.append(_run_child(args, spec))
-        else:
-            eng.init_distributed()
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
-                torch.device("cpu")
-            rows.append(_measure(cfg, spec, device))
-        print(_fmt(rows[-1], rows), flush=True)
+    rows = run_specs(cfg, args, "gd.bench.train", _measure, _fmt)
     print("\n| mode | variant | N | compile | img/s | TFLOP/s | MFU | peak GiB | vs reference |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -193,24 +242,50 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _CHILD, _RESULT = "GD_BENCH_ONE", "GD_BENCH_RESULT "
+Measure = Callable[[Any, dict, torch.device], dict]
 
 
-def _run_child(args: list[str], spec: dict) -> dict:
+def _device() -> torch.device:
+    eng.init_distributed()
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def child_measure(cfg: Any, measure: Measure) -> bool:
+    """In a child started by :func:`run_specs`: measure its one configuration, print the row, return True."""
+    one = os.environ.get(_CHILD)
+    if one is None:
+        return False
+    print(_RESULT + json.dumps(measure(cfg, json.loads(one), _device())), flush=True)
+    return True
+
+
+def run_specs(cfg: Any, args: list[str], module: str, measure: Measure,
+              fmt: Callable[[dict, list[dict]], str]) -> list[dict]:
+    """Every configuration of ``cfg.train.bench`` measured (each in a child ``python -m module`` when isolated),
+    printed as it finishes."""
+    rows: list[dict] = []
+    for spec in _specs(cfg.train.bench):
+        rows.append(_run_child(module, args, spec) if bool(cfg.train.bench.get("isolate", True))
+                    else measure(cfg, spec, _device()))
+        print(fmt(rows[-1], rows), flush=True)
+    return rows
+
+
+def _run_child(module: str, args: list[str], spec: dict) -> dict:
     env = {**os.environ, _CHILD: json.dumps(spec)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-m", "gd.bench.train", *args], env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(_RESULT):
             return json.loads(line[len(_RESULT):])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return dict(spec, ips=math.nan, tflops=math.nan, mfu=math.nan, mem=math.nan,
-                error=f"child exited {proc.returncode}: {' | '.join(tail)[:200]}")
+    return dict(spec, error=f"child exited {proc.returncode}: {' | '.join(tail)[:200]}")
 
 
 def _fmt(row: dict, rows: list[dict]) -> str:
-    ref = next((r["ips"] for r in rows if r["mode"] == "reference" and r["n"] == row["n"]
+    row = {"ips": math.nan, "tflops": math.nan, "mfu": math.nan, "mem": math.nan, **row}
+    ref = next((r.get("ips", math.nan) for r in rows if r["mode"] == "reference" and r["n"] == row["n"]
                 and r["compile"] == row["compile"]), math.nan)
     rel = row["ips"] / ref if ref and not math.isnan(ref) else math.nan
     tail = f" {row['error']}" if row.get("error") else ""
