@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if out:
         from gd.io import atomic_write_text
 
-        atomic_write_text(out, json.dumps(rows, indent=1, default=lambda v: None if v != v else v))
+        atomic_write_text(out, json.dumps(rows, indent=1))
     return 0 if all(not r.get("error") and not math.isnan(sum(r["time"].values())) for r in rows) else 1
 
 

@@ -89,14 +89,17 @@ def _time(step: Callable[[], None], warmup: int, steps: int) -> float:
 
 
 def reference_step(cfg: Any, n: int, compile_: bool, device: torch.device, fused: bool | None = None,
-                   autocast: bool | None = None) -> Step:
+                   autocast: bool | None = None, readback: bool = True) -> Step:
     """The official recipe in bf16: fp32 weights, bf16 autocast, fused AdamW, clipping from ``cfg.train``, an fp32
     EMA of every parameter (``train.bench.ema``) and ``loss.item()`` once per step, as SiT's train.py does.
-    ``fused`` / ``autocast`` None: as on CUDA when on CUDA, foreach AdamW and fp32 elsewhere."""
+    ``fused`` / ``autocast`` None: as on CUDA when on CUDA, foreach AdamW and fp32 elsewhere. ``readback=False``
+    drops the ``loss.item()`` (fake tensors have no values)."""
     from gd.diffusion.objective import group_loss
 
     b = cfg.train.bench
-    model = _build(cfg).to(device).train()
+    model = _build(cfg).train()
+    if next(model.parameters()).device != device:  # (a no-op .to() fails on fake tensors)
+        model = model.to(device)
     fused = device.type == "cuda" if fused is None else fused
     impl = {"fused": True} if fused else {"foreach": True}
     opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.train.lr), betas=tuple(cfg.train.betas),
@@ -116,7 +119,8 @@ def reference_step(cfg: Any, n: int, compile_: bool, device: torch.device, fused
 
     def backward(loss: torch.Tensor) -> None:
         loss.backward()
-        loss.item()
+        if readback:
+            loss.item()
 
     def update() -> None:
         if cfg.train.grad_clip:
