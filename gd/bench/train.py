@@ -142,7 +142,8 @@ def engine_step(cfg: Any, n: int, compile_: bool, variant: dict, device: torch.d
     from gd.train.ema import ShardedEMA
 
     b = cfg.train.bench
-    train_cfg = OmegaConf.merge(cfg.train, {"global_batch": int(b.batch), "micro_batch": int(b.batch),
+    plain = OmegaConf.create(OmegaConf.to_container(cfg.train, resolve=True))  # variants may add DeepSpeed keys
+    train_cfg = OmegaConf.merge(plain, {"global_batch": int(b.batch), "micro_batch": int(b.batch),
                                             "compile": bool(compile_)}, variant)
     layout = eng.batch_layout(train_cfg, 1, n)
     model = _build(cfg)
