@@ -129,6 +129,13 @@ def _check_batch(cfg: DictConfig) -> list[str]:
     if batch % (world * micro):
         problems.append(f"train.global_batch={batch} is not a multiple of {ranks} x train.micro_batch={micro}"
                         f" = {world * micro} (gradient accumulation must be a whole number of micro-batches)")
+    if not problems:
+        from gd.train.engine import BatchLayout, deepspeed_config
+
+        try:  # ZeRO stage, precision and their combination, as the trainer will check them
+            deepspeed_config(cfg.train, BatchLayout(batch, micro, world, batch // (world * micro)))
+        except ValueError as err:
+            problems.append(str(err))
     return problems
 
 

@@ -69,6 +69,12 @@ def test_micro_batch_times_world_must_divide_the_batch() -> None:
     assert "not a multiple of 16 processes" in msg and "= 512" in msg
 
 
+def test_engine_settings_are_checked_before_submission() -> None:
+    msg = _rejection("+cluster=slurm", "+exp=groupdiff16", "train.zero_stage=0")
+    assert "train.zero_stage=0 with train.precision=bf16" in msg and "bf16_autocast" in msg
+    assert "train.precision='fp16'" in _rejection("+cluster=local", "+exp=demo", "train.precision=fp16")
+
+
 def test_group_larger_than_the_model_allows() -> None:
     msg = _rejection("+cluster=local", "+exp=demo", "diffusion.group_size=8")
     assert "exceeds model.max_group_size=4" in msg
