@@ -89,26 +89,19 @@ def _with_batch(cfg: Any, batch: int) -> Any:
     return OmegaConf.merge(cfg, {"train": {"bench": {"batch": batch}}})
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Each configuration in a child process (``train.bench.isolate``): engines do not free their memory."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from gd.train.__main__ import compose_config
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    cfg = compose_config(args)
-    if bench.child_measure(cfg, measure):
-        return 0
+def _describe(cfg: Any) -> tuple[str, str]:
     b = cfg.train.bench
-    print(f"# {cfg.model.name}: peak GiB per device; state measured at batch {b.memory_batch}, peak estimated at "
-          f"batch {b.batch} (reference on fake tensors)")
+    title = (f"# {cfg.model.name}: peak GiB per device; state measured at batch {b.memory_batch}, peak estimated at "
+             f"batch {b.batch} (reference on fake tensors)")
     header = (f"| mode | variant | N | at batch {b.memory_batch} | estimated at batch {b.batch} |\n"
               "|---|---|---|---|---|")
-    print(header, flush=True)
-    rows = bench.run_specs(cfg, args, "gd.bench.memory", measure, fmt)
-    print("\n" + header)
-    for row in rows:
-        print(fmt(row, rows))
-    return 0 if all(not r.get("error") for r in rows) else 1
+    return title, header
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Each configuration in a child process (``train.bench.isolate``): engines do not free their memory."""
+    result = bench.run_table(argv, "gd.bench.memory", measure, fmt, _describe)
+    return 0 if result is None or all(not r.get("error") for r in result[1]) else 1
 
 
 if __name__ == "__main__":

@@ -178,34 +178,26 @@ def fmt(row: dict, rows: list[dict]) -> str:
     return f"{head} {ms} | {1e3 * sum(t.values()):.1f} | {syncs} | {ops} | {bpp} |"
 
 
-HEADER = ("| mode | variant | N | fwd ms | bwd ms | update ms | step ms | host syncs f/b/u | operators f/b/u "
-          "| bytes per parameter f/b/u |\n|---|---|---|---|---|---|---|---|---|---|")
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from gd.train.__main__ import compose_config
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    cfg = compose_config(args)
-    if bench.child_measure(cfg, measure):
-        return 0
+def _describe(cfg: Any) -> tuple[str, str]:
     b = cfg.train.bench
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     model = _narrowed(cfg).model
-    print(f"# {cfg.model.name} ({model.get('hidden_size', 'full')} wide, depth {model.get('depth', 'full')}) "
-          f"input {cfg.model.input_size} batch {b.batch} on {device}; {b.steps} timed steps (+{b.warmup} warmup)",
-          flush=True)
-    print(HEADER, flush=True)
-    rows = bench.run_specs(cfg, args, "gd.bench.step_cost", measure, fmt)
-    print("\n" + HEADER)
-    for row in rows:
-        print(fmt(row, rows))
-    out = b.get("out")
-    if out:
+    title = (f"# {cfg.model.name} ({model.get('hidden_size', 'full')} wide, depth {model.get('depth', 'full')}) "
+             f"input {cfg.model.input_size} batch {b.batch} on {device}; {b.steps} timed steps (+{b.warmup} warmup)")
+    header = ("| mode | variant | N | fwd ms | bwd ms | update ms | step ms | host syncs f/b/u | operators f/b/u "
+              "| bytes per parameter f/b/u |\n|---|---|---|---|---|---|---|---|---|---|")
+    return title, header
+
+
+def main(argv: list[str] | None = None) -> int:
+    result = bench.run_table(argv, "gd.bench.step_cost", measure, fmt, _describe)
+    if result is None:
+        return 0
+    cfg, rows = result
+    if cfg.train.bench.get("out"):
         from gd.io import atomic_write_text
 
-        atomic_write_text(out, json.dumps(rows, indent=1))
+        atomic_write_text(cfg.train.bench.out, json.dumps(rows, indent=1))
     return 0 if all(not r.get("error") and not math.isnan(sum(r["time"].values())) for r in rows) else 1
 
 

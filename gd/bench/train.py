@@ -59,6 +59,9 @@ def _batch(model: torch.nn.Module, batch: int, device: torch.device) -> tuple[to
     return x.to(device), y.to(device)
 
 
+Measure = Callable[[Any, dict, torch.device], dict]
+
+
 @dataclass
 class Step:
     """One optimizer step in three phases, so a profiler can attribute costs: ``forward() -> loss``,
@@ -223,31 +226,45 @@ def _specs(b: Any) -> list[dict]:
     return specs
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs every configuration in a child process of its own (``train.bench.isolate``): DeepSpeed engines,
-    compile caches and the CUDA allocator start clean for each, so one configuration's memory or state cannot
-    leak into the next one's numbers."""
+def run_table(argv: list[str] | None, module: str, measure: Measure, fmt: Callable[[dict, list[dict]], str],
+              describe: Callable[[Any], tuple[str, str]]) -> tuple[Any, list[dict]] | None:
+    """The shared ``main`` of the step benchmarks: compose the config, then either measure the one configuration
+    this child process was started for (returns None) or run every configuration of ``cfg.train.bench`` (each in a
+    child process of its own when ``train.bench.isolate``: DeepSpeed engines, compile caches and the CUDA allocator
+    start clean, so one configuration cannot leak memory or state into the next one's numbers), printing
+    ``describe(cfg)``'s title and table header, a row as each finishes, and the whole table at the end."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from gd.train.__main__ import compose_config
 
     args = list(sys.argv[1:] if argv is None else argv)
     cfg = compose_config(args)
-    b = cfg.train.bench
-    if child_measure(cfg, _measure):
-        return 0
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"# {cfg.model.name} input {cfg.model.input_size} batch {b.batch} on {gpu}; steps {b.steps} "
-          f"(+{b.warmup} warmup); peak {cfg.train.peak_tflops} TFLOP/s", flush=True)
-    rows = run_specs(cfg, args, "gd.bench.train", _measure, _fmt)
-    print("\n| mode | variant | N | compile | img/s | TFLOP/s | MFU | peak GiB | vs reference |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if child_measure(cfg, measure):
+        return None
+    title, header = describe(cfg)
+    print(f"{title}\n{header}", flush=True)
+    rows = run_specs(cfg, args, module, measure, fmt)
+    print("\n" + header)
     for row in rows:
-        print(_fmt(row, rows))
+        print(fmt(row, rows))
+    return cfg, rows
+
+
+def _describe(cfg: Any) -> tuple[str, str]:
+    b = cfg.train.bench
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    title = (f"# {cfg.model.name} input {cfg.model.input_size} batch {b.batch} on {gpu}; steps {b.steps} "
+             f"(+{b.warmup} warmup); peak {cfg.train.peak_tflops} TFLOP/s")
+    header = ("| mode | variant | N | compile | img/s | TFLOP/s | MFU | peak GiB | vs reference |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+    return title, header
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_table(argv, "gd.bench.train", _measure, _fmt, _describe)
     return 0
 
 
 _CHILD, _RESULT = "GD_BENCH_ONE", "GD_BENCH_RESULT "
-Measure = Callable[[Any, dict, torch.device], dict]
 
 
 def _device() -> torch.device:
