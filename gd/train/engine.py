@@ -276,11 +276,15 @@ class GuardedAdamW(torch.optim.AdamW):
         wd = float(group.get("masked_weight_decay", 0.0))
         if wd == 0.0:
             return
-        if self._no_decay_views is None:
-            self._no_decay_views = self._checked_views()
-        keep = [v.clone() for v in self._no_decay_views]
+        views = self._no_decay_views
+        if views is None:
+            # Resolved at the first decayed step (after any checkpoint load); not cached before no_decay is set.
+            views = self._checked_views()
+            if self.no_decay is not None:
+                self._no_decay_views = views
+        keep = [v.clone() for v in views]
         torch._foreach_mul_(group["params"], 1.0 - float(group["lr"]) * wd)
-        for view, value in zip(self._no_decay_views, keep, strict=True):
+        for view, value in zip(views, keep, strict=True):
             view.copy_(value)
 
     def _checked_views(self) -> list[torch.Tensor]:
