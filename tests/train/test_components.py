@@ -246,24 +246,9 @@ def _fp32_masters(engine, stage: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_ema_tracks_fp32_masters_under_bf16(stage):
-    from gd.models import build_model
-    from gd.train.engine import build_engine, init_distributed
+    from tests.train.bf16_ema_worker import bf16_engine_with_ema
 
-    d = init_distributed()
-    torch.manual_seed(0)
-    model = build_model("SiT-S/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False, hidden_size=32,
-                        depth=1, num_heads=2, max_group_size=4)
-    t = {"zero_stage": stage, "precision": "bf16", "global_batch": 4, "micro_batch": 4, "lr": 1e-3,
-         "weight_decay": 0.0, "grad_clip": 0.0}
-    engine, _ = build_engine(model, t, batch_layout(t, 1), d.device)
-    ema = ShardedEMA(engine.module, 0.0, zero3=stage == 3, optimizer=engine.optimizer)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(2):
-        x = torch.randn(4, 1, 8, 8, generator=gen).to(torch.bfloat16)
-        out = engine(x, torch.rand(4, generator=gen), torch.randint(0, 10, (4,), generator=gen))
-        engine.backward((out.float() - x.float()).pow(2).mean())
-        engine.step()
-        ema.update()
+    engine, ema = bf16_engine_with_ema(stage)
     masters, state = _fp32_masters(engine, stage), ema.full_state()
     assert state.keys() == masters.keys()
     rounded = 0
