@@ -40,8 +40,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gd.io import atomic_path, atomic_write_bytes
+from gd.rng import mix_seed, seeded_generator
 
-MODES = ("l", "f", "none")
 PRECISIONS = ("fp32", "tf32", "bf16")
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: identical runs write identical bytes
 
@@ -108,23 +108,19 @@ class Layout:
         return list(range(rank, self.num_chunks, world_size))
 
 
-def _seed_of(*entropy: int) -> int:
-    return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 def slot_noise(seed: int, slots: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     """Starting noise (float32, CPU) of each slot, from a generator seeded by (seed, slot)."""
     gen = torch.Generator()
     out = torch.empty((len(slots), *shape))
     for i, j in enumerate(slots):
-        gen.manual_seed(_seed_of(seed, 0, int(j)))
+        gen.manual_seed(mix_seed(seed, 0, int(j)))
         out[i] = torch.randn(shape, generator=gen)
     return out
 
 
 def chunk_generator(seed: int, chunk: int) -> torch.Generator:
     """CPU generator of a chunk's SDE noise: the same on every device and rank."""
-    return torch.Generator().manual_seed(_seed_of(seed, 1, chunk))
+    return seeded_generator(seed, 1, chunk)
 
 
 # --------------------------------------------------------------------------------------- atomic writers
@@ -263,11 +259,14 @@ def _bind_device(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
-def group_sizes(mode: str, n: int) -> tuple[int, int]:
-    """(conditional, unconditional) group sizes: GroupDiff-l (1, N), -f (N, N), plain (1, 1)."""
-    if mode not in MODES:
-        raise ValueError(f"sample.mode={mode!r}: expected one of {MODES}")
-    return {"l": (1, n), "f": (n, n), "none": (1, 1)}[mode]
+def group_sizes(s: DictConfig) -> tuple[int, int]:
+    """(conditional, unconditional) group sizes of ``cfg.sample``'s mode, as the batch plan defines them."""
+    from gd.diffusion.plan import BatchPlan
+
+    try:
+        return BatchPlan(str(s.mode), int(s.group_size)).sampling_group_sizes()
+    except ValueError as err:
+        raise ValueError(f"sample.mode={s.mode!r}, sample.group_size={s.group_size}: {err}") from err
 
 
 def sampler_settings(s: DictConfig, num_classes: int) -> dict:
@@ -294,7 +293,7 @@ def _check_sample_cfg(s: DictConfig) -> None:
         raise ValueError(f"sample.decoder={s.decoder!r}: expected pixels or sdvae")
     if s.decoder == "sdvae" and not s.get("vae_path"):
         raise ValueError("sample.decoder=sdvae needs sample.vae_path=<local AutoencoderKL folder>")
-    group_sizes(s.mode, int(s.group_size))
+    group_sizes(s)
 
 
 def build_decoder(s: DictConfig, channels: int, device: torch.device):
@@ -362,7 +361,7 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
     if num_classes != model.num_classes:
         raise ValueError(f"sample.num_classes={num_classes} but the checkpoint's model has {model.num_classes}")
     n = int(s.group_size)
-    cond_n, uncond_n = group_sizes(s.mode, n)
+    cond_n, uncond_n = group_sizes(s)
     if max(cond_n, uncond_n) > getattr(model, "max_group_size", n):
         raise ValueError(f"sample.group_size={n} exceeds the model's max_group_size={model.max_group_size}")
     layout = Layout(int(s.num_images), num_classes, n, int(s.batch_groups))

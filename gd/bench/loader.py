@@ -37,9 +37,8 @@ def write_synthetic(root: str, records: int, shape: list[int], k: int, n_max: in
     for p, start in enumerate(range(0, records, part_size)):
         rows = range(start, min(records, start + part_size))
         cands = [(rng.choice(records - 1, k, replace=False) + r + 1) % records for r in rows]
-        plain = ({"latent": lat[r], "label": int(labels[r]), "id": r} for r in rows)
-        group = ({"latent": lat[r], "label": int(labels[r]), "id": r, "cand_latent": lat[c], "cand_label": labels[c],
-                  "cand_id": c.astype(np.int64), "cand_sim": np.full(k, 0.8, np.float32), "count": k, "num_cand": k}
+        plain = (shards.encode_plain(lat[r], labels[r], r) for r in rows)
+        group = (shards.encode_group(lat[r], labels[r], r, lat[c], labels[c], c, np.full(k, 0.8, np.float32), k)
                  for r, c in zip(rows, cands))
         parts["plain"].append((p, shards.write_part(root, "plain", p, shards.plain_columns(shape), plain, staging)))
         parts["group"].append((p, shards.write_part(root, "group", p, shards.group_columns(shape, k), group, staging)))

@@ -1,14 +1,14 @@
 """Peak training memory without the GPU: will SiT-XL/2 at N=16, batch 32 fit, and what does each engine add?
 
     python -m gd.bench.memory +exp=groupdiff16                # the experiment's model, N and micro batch
-    python -m gd.bench.memory model=sit_xl2 train.bench.batch=32 'train.bench.group_sizes=[1,16]'
+    python -m gd.bench.memory model=sit_xl2 bench.batch=32 'bench.group_sizes=[1,16]'
 
 Two measurements, both with torch's MemTracker (every tensor storage alive at each moment, by category):
 
 * the plain-torch reference step (fp32 weights, bf16 autocast, AdamW, fp32 EMA) at the full batch, run under
   FakeTensorMode: shapes and lifetimes are real, no memory is used and no FLOPs are spent, so it runs on a laptop;
-* each engine variant (``train.bench.variants``) and the reference, run for real on this device at a tiny batch of
-  small latents (``train.bench.memory_batch``, ``memory_input_size``; same model): model, gradient and optimizer
+* each engine variant (``bench.variants``) and the reference, run for real on this device at a tiny batch of
+  small latents (``bench.memory_batch``, ``memory_input_size``; same model): model, gradient and optimizer
   state, DeepSpeed's buffers and the EMA, which do not depend on the batch.
 
 Estimated peak of a variant = reference peak at the full batch + (variant - reference) at the tiny batch. The fake
@@ -57,14 +57,14 @@ def reference_peak(cfg: Any, n: int, batch: int) -> int:
 
 
 def measure(cfg: Any, spec: dict, device: torch.device) -> dict:
-    """``small``: real peak bytes of the spec's step at ``train.bench.memory_batch``; the reference also gets
-    ``full``: its fake-tensor peak at ``train.bench.batch``."""
-    b = cfg.train.bench
+    """``small``: real peak bytes of the spec's step at ``bench.memory_batch``; the reference also gets
+    ``full``: its fake-tensor peak at ``bench.batch``."""
+    b = cfg.bench
     n, row = int(spec["n"]), dict(spec, error="")
     try:
         for name, batch in (("batch", b.batch), ("memory_batch", b.memory_batch)):
             if int(batch) % n:
-                raise ValueError(f"train.bench.{name}={batch} is not a multiple of N={n}")
+                raise ValueError(f"bench.{name}={batch} is not a multiple of N={n}")
         small = OmegaConf.merge(_with_batch(cfg, int(b.memory_batch)),
                                 {"model": {"input_size": int(b.memory_input_size)}})
         row["small"] = _tracked_peak(lambda: bench.build_step(small, spec, device, fused=True, autocast=True))
@@ -86,11 +86,11 @@ def fmt(row: dict, rows: list[dict]) -> str:
 
 
 def _with_batch(cfg: Any, batch: int) -> Any:
-    return OmegaConf.merge(cfg, {"train": {"bench": {"batch": batch}}})
+    return OmegaConf.merge(cfg, {"bench": {"batch": batch}})
 
 
 def _describe(cfg: Any) -> tuple[str, str]:
-    b = cfg.train.bench
+    b = cfg.bench
     title = (f"# {cfg.model.name}: peak GiB per device; state measured at batch {b.memory_batch}, peak estimated at "
              f"batch {b.batch} (reference on fake tensors)")
     header = (f"| mode | variant | N | at batch {b.memory_batch} | estimated at batch {b.batch} |\n"
@@ -99,7 +99,7 @@ def _describe(cfg: Any) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Each configuration in a child process (``train.bench.isolate``): engines do not free their memory."""
+    """Each configuration in a child process (``bench.isolate``): engines do not free their memory."""
     result = bench.run_table(argv, "gd.bench.memory", measure, fmt, _describe)
     return 0 if result is None or all(not r.get("error") for r in result[1]) else 1
 

@@ -17,21 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gd.diffusion import METHODS, CallStats, GuidedVelocity, sample
+from gd.diffusion import METHODS, BatchPlan, CallStats, GuidedVelocity, sample
 from gd.io import atomic_write_text
 
 PRECISIONS = ("bf16", "fp32", "tf32")
-
-
-def group_sizes(mode: str, n: int) -> tuple[int, int]:
-    """(conditional, unconditional) group sizes at inference for a GroupDiff mode."""
-    if mode == "l":
-        return 1, n
-    if mode == "f":
-        return n, n
-    if mode == "none":
-        return 1, 1
-    raise ValueError(f"bench.mode={mode!r}: expected l, f or none")
 
 
 def _sync(dev: torch.device) -> None:
@@ -78,7 +67,7 @@ def run(cfg: Any) -> list[dict[str, Any]]:
         raise ValueError(f"bench.batch_groups={b.batch_groups}, num_images={b.num_images}, iters={b.iters}: "
                          "expected >= 1")
     n = int(b.group_size)
-    cond_n, uncond_n = group_sizes(b.mode, n)
+    cond_n, uncond_n = BatchPlan(str(b.mode), n).sampling_group_sizes()
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if b.device == "auto" else b.device)
     model_cfg = {k: v for k, v in dict(cfg.model).items() if k != "name"}
     with dev:

@@ -1,9 +1,9 @@
 """Where a training step's time goes apart from the model's math: host syncs, operators and bytes per phase.
 
     python -m gd.bench.step_cost                                  # SiT-XL/2's 28 blocks at width 64, on this CPU
-    python -m gd.bench.step_cost train.bench.narrow=null train.bench.batch=32     # the real model (GPU)
+    python -m gd.bench.step_cost bench.narrow=null bench.batch=32     # the real model (GPU)
 
-For the reference step and each engine variant of ``train.bench`` (the same rows as ``gd.bench.train``), one step is
+For the reference step and each engine variant of ``bench`` (the same rows as ``gd.bench.train``), one step is
 split into forward / backward / update (:class:`gd.bench.train.Step`) and counted while it runs:
 
 * host syncs: every read of a tensor's value on the host (``aten._local_scalar_dense``: ``.item()``, ``float()``,
@@ -14,10 +14,10 @@ split into forward / backward / update (:class:`gd.bench.train.Step`) and counte
   operand twice); per parameter it does not depend on the model's width, so it projects to SiT-XL/2.
 * time per phase, measured without the counters.
 
-``train.bench.narrow`` shrinks hidden size and heads but keeps depth, so the step has SiT-XL/2's parameter tensors
+``bench.narrow`` shrinks hidden size and heads but keeps depth, so the step has SiT-XL/2's parameter tensors
 (the per-tensor host work of hooks, buckets and optimizers) without its FLOPs: on a CPU the phase times then show
 the framework's host overhead, the part a GPU cannot hide when it exceeds the device time of a step.
-As on CUDA, the reference computes under bf16 autocast and optimizers are fused (unless ``train.bench.fused=false``).
+As on CUDA, the reference computes under bf16 autocast and optimizers are fused (unless ``bench.fused=false``).
 """
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def time_phases(step: bench.Step, warmup: int, steps: int) -> dict[str, float]:
 
 
 def _narrowed(cfg: Any) -> Any:
-    narrow = cfg.train.bench.get("narrow")
+    narrow = cfg.bench.get("narrow")
     if not narrow:
         return cfg
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
@@ -151,7 +151,7 @@ def _narrowed(cfg: Any) -> Any:
 
 def measure(cfg: Any, spec: dict, device: torch.device) -> dict:
     """One configuration's counts and phase times, or the error that stopped it."""
-    b = cfg.train.bench
+    b = cfg.bench
     cfg = _narrowed(cfg)
     fused = True if b.get("fused") is None else bool(b.fused)
     row: dict[str, Any] = dict(spec, error="")
@@ -179,7 +179,7 @@ def fmt(row: dict, rows: list[dict]) -> str:
 
 
 def _describe(cfg: Any) -> tuple[str, str]:
-    b = cfg.train.bench
+    b = cfg.bench
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     model = _narrowed(cfg).model
     title = (f"# {cfg.model.name} ({model.get('hidden_size', 'full')} wide, depth {model.get('depth', 'full')}) "
@@ -194,10 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     if result is None:
         return 0
     cfg, rows = result
-    if cfg.train.bench.get("out"):
+    if cfg.bench.get("out"):
         from gd.io import atomic_write_text
 
-        atomic_write_text(cfg.train.bench.out, json.dumps(rows, indent=1))
+        atomic_write_text(cfg.bench.out, json.dumps(rows, indent=1))
     return 0 if all(not r.get("error") and not math.isnan(sum(r["time"].values())) for r in rows) else 1
 
 

@@ -1,13 +1,14 @@
-"""Training-step throughput: a minimal plain-torch reference step next to the trainer's DeepSpeed engine step.
+"""Training-step throughput: a minimal plain-torch reference step next to the trainer's own step.
 
-    python -m gd.bench.train model=sit_xl2 train.bench.steps=20 train.bench.group_sizes=[1,16]
-    python -m gd.bench.train +exp=groupdiff16 'train.bench.variants=[z2,z0,z0_autocast]' 'train.bench.compile=[false]'
+    python -m gd.bench.train model=sit_xl2 bench.steps=20 'bench.group_sizes=[1,16]'
+    python -m gd.bench.train +exp=groupdiff16 'bench.variants=[z2,z0_autocast]' 'bench.compile=[false]'
 
-Everything runs in one process on one device with synthetic latents (no data pipeline), so the two columns differ
-only by the step itself. reference = fp32 weights, bf16 autocast, fused torch AdamW, fp32 EMA
-and one loss.item() per step (the official recipe in bf16). engine = the trainer's step: gd.train.engine.build_engine
-with cfg.train plus each variant of train.bench.ds_variants merged in (ZeRO stage, precision, bucket sizes, ...), the
-same GuardedAdamW, read-back and ShardedEMA as gd.train.loop. FLOPs are gd.models.flops x3 at the
+Settings: conf/bench/train.yaml (``bench.*``), composed on top of the run config. Everything runs in one process on
+one device with synthetic latents (no data pipeline), so the two columns differ only by the step itself.
+reference = fp32 weights, bf16 autocast, fused torch AdamW, fp32 EMA and one loss.item() per step (the official
+recipe in bf16). engine = the trainer's step, :class:`gd.train.trainer.Trainer`'s own forward / backward / update
+(engine, GuardedAdamW, host read-back, non-finite guard, ShardedEMA) with cfg.train plus each variant of
+bench.ds_variants merged in (ZeRO stage, precision, bucket sizes, ...). FLOPs are gd.models.flops x3 at the
 step's group size; MFU against train.peak_tflops. Prints one row per configuration and a table at the end.
 """
 from __future__ import annotations
@@ -94,12 +95,12 @@ def _time(step: Callable[[], None], warmup: int, steps: int) -> float:
 def reference_step(cfg: Any, n: int, compile_: bool, device: torch.device, fused: bool | None = None,
                    autocast: bool | None = None, readback: bool = True) -> Step:
     """The official recipe in bf16: fp32 weights, bf16 autocast, fused AdamW, clipping from ``cfg.train``, an fp32
-    EMA of every parameter (``train.bench.ema``) and ``loss.item()`` once per step, as SiT's train.py does.
+    EMA of every parameter and ``loss.item()`` once per step, as SiT's train.py does.
     ``fused`` / ``autocast`` None: as on CUDA when on CUDA, foreach AdamW and fp32 elsewhere. ``readback=False``
     drops the ``loss.item()`` (fake tensors have no values)."""
     from gd.diffusion.objective import group_loss
 
-    b = cfg.train.bench
+    b = cfg.bench
     model = _build(cfg).train()
     if next(model.parameters()).device != device:  # (a no-op .to() fails on fake tensors)
         model = model.to(device)
@@ -108,7 +109,7 @@ def reference_step(cfg: Any, n: int, compile_: bool, device: torch.device, fused
     opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.train.lr), betas=tuple(cfg.train.betas),
                             weight_decay=float(cfg.train.weight_decay), **impl)
     params = list(model.parameters())
-    ema = [p.detach().clone() for p in params] if bool(b.get("ema", True)) else []
+    ema = [p.detach().clone() for p in params]
     decay = float(cfg.train.ema_decay)
     fwd = torch.compile(model) if compile_ else model
     x, y = _batch(model, int(b.batch), device)
@@ -130,59 +131,54 @@ def reference_step(cfg: Any, n: int, compile_: bool, device: torch.device, fused
             torch.nn.utils.clip_grad_norm_(params, float(cfg.train.grad_clip), foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if ema:
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
 
     return Step(forward, backward, update, sum(p.numel() for p in params), (model, opt, ema))
 
 
+def trainer_config(cfg: Any, n: int, compile_: bool, variant: dict) -> Any:
+    """The run config of an engine row: ``cfg.train`` with the variant merged in, the whole batch on one process,
+    and a plan whose every step has group size ``n`` (GroupDiff-f without null-label steps; plain SiT at n = 1)."""
+    b = cfg.bench
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # variants may add DeepSpeed keys
+    diffusion = {"mode": "f", "group_size": n, "p_group": 0.0} if n > 1 else {"mode": "none", "group_size": 1}
+    return OmegaConf.merge(plain, {"train": {"global_batch": int(b.batch), "micro_batch": int(b.batch),
+                                             "compile": bool(compile_), **variant}, "diffusion": diffusion})
+
+
 def engine_step(cfg: Any, n: int, compile_: bool, variant: dict, device: torch.device,
                 fused: bool | None = None) -> Step:
-    """The trainer's step (gd.train.loop) on synthetic data: DeepSpeed engine forward / backward / step with the
-    trainer's GuardedAdamW, its one host read-back per step (loss sum and non-finite flag) and its ShardedEMA."""
-    from gd.diffusion.objective import group_loss
-    from gd.train.ema import ShardedEMA
+    """The trainer's step on synthetic data: :class:`gd.train.trainer.Trainer`'s forward, its backward with the
+    step's one host read-back, and the update (``engine.step``, non-finite guard, EMA), as ``train_step`` runs them
+    for a step of one micro-batch. ``device`` is the trainer's own (its process group decides)."""
+    from gd.train.data import SyntheticData
+    from gd.train.trainer import Trainer
 
-    b = cfg.train.bench
-    plain = OmegaConf.create(OmegaConf.to_container(cfg.train, resolve=True))  # variants may add DeepSpeed keys
-    train_cfg = OmegaConf.merge(plain, {"global_batch": int(b.batch), "micro_batch": int(b.batch),
-                                            "compile": bool(compile_)}, variant)
-    layout = eng.batch_layout(train_cfg, 1, n)
-    model = _build(cfg)
-    params = sum(p.numel() for p in model.parameters())
-    engine, optimizer = eng.build_engine(model, train_cfg, layout, device, fused=fused)
-    ema = ShardedEMA(engine.module, float(train_cfg.ema_decay), zero3=int(train_cfg.zero_stage) == 3,
-                     optimizer=engine.optimizer) if bool(b.get("ema", True)) else None
-    x, y = _batch(model, int(b.batch), device)
-    gen = torch.Generator(device=device).manual_seed(0)
+    run = trainer_config(cfg, n, compile_, variant)
+    trainer = Trainer(run, data=SyntheticData(run.model, int(cfg.bench.batch)), resume=False, fused=fused)
+    plan = trainer.plan.step(0)
+    mb = trainer.micro_batch(0, 0, plan)
 
     def forward() -> torch.Tensor:
-        loss, _ = group_loss(lambda xt, t, yy, gs: engine(xt, t, yy, group_size=gs), x, y, n, generator=gen)
-        return loss
+        trainer.begin_step()
+        return trainer.forward(mb)
 
     def backward(loss: torch.Tensor) -> None:
-        engine.backward(loss)
-        value = loss.detach().double()
-        finite = torch.isfinite(value)
-        acc = torch.stack([torch.where(finite, value, torch.zeros_like(value)), (~finite).double()])
-        _, bad = acc.tolist()
-        optimizer.force_skip = bad > 0
-        optimizer.last_skipped = False
+        trainer.backward(loss, last=True)
 
     def update() -> None:
-        engine.step()
-        if ema is not None and not (optimizer.last_skipped or not engine.was_step_applied()):
-            ema.update()
+        trainer.engine.step()
+        trainer.end_step(0, plan)
 
-    return Step(forward, backward, update, params, (engine, optimizer, model, ema))
+    return Step(forward, backward, update, sum(p.numel() for p in trainer.model.parameters()), trainer)
 
 
 def _measure(cfg: Any, spec: dict, device: torch.device) -> dict:
     """One configuration: its row (img/s, TFLOP/s, MFU, peak GiB), or the error that stopped it."""
     from gd.models.flops import forward_flops
 
-    b = cfg.train.bench
+    b = cfg.bench
     n = int(spec["n"])
     flops = 3.0 * forward_flops(_build(cfg), group_size=n)
     peak = float(cfg.train.peak_tflops)
@@ -207,7 +203,7 @@ def build_step(cfg: Any, spec: dict, device: torch.device, fused: bool | None = 
     n, compile_ = int(spec["n"]), bool(spec["compile"])
     if spec["mode"] == "reference":
         return reference_step(cfg, n, compile_, device, fused, autocast)
-    variant = OmegaConf.to_container(cfg.train.bench.ds_variants[spec["variant"]], resolve=True)
+    variant = OmegaConf.to_container(cfg.bench.ds_variants[spec["variant"]], resolve=True)
     return engine_step(cfg, n, compile_, variant, device, fused)
 
 
@@ -220,7 +216,7 @@ def _specs(b: Any) -> list[dict]:
             if "engine" in b.modes:
                 for v in b.variants:
                     if v not in b.ds_variants:
-                        raise ValueError(f"train.bench.variants names {v!r}, not in train.bench.ds_variants "
+                        raise ValueError(f"bench.variants names {v!r}, not in bench.ds_variants "
                                          f"({sorted(b.ds_variants)})")
                     specs.append(dict(mode="engine", variant=str(v), n=n, compile=compile_))
     return specs
@@ -229,15 +225,13 @@ def _specs(b: Any) -> list[dict]:
 def run_table(argv: list[str] | None, module: str, measure: Measure, fmt: Callable[[dict, list[dict]], str],
               describe: Callable[[Any], tuple[str, str]]) -> tuple[Any, list[dict]] | None:
     """The shared ``main`` of the step benchmarks: compose the config, then either measure the one configuration
-    this child process was started for (returns None) or run every configuration of ``cfg.train.bench`` (each in a
-    child process of its own when ``train.bench.isolate``: DeepSpeed engines, compile caches and the CUDA allocator
+    this child process was started for (returns None) or run every configuration of ``cfg.bench`` (each in a
+    child process of its own when ``bench.isolate``: DeepSpeed engines, compile caches and the CUDA allocator
     start clean, so one configuration cannot leak memory or state into the next one's numbers), printing
     ``describe(cfg)``'s title and table header, a row as each finishes, and the whole table at the end."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from gd.train.__main__ import compose_config
-
     args = list(sys.argv[1:] if argv is None else argv)
-    cfg = compose_config(args)
+    cfg = compose_bench(args)
     if child_measure(cfg, measure):
         return None
     title, header = describe(cfg)
@@ -249,8 +243,15 @@ def run_table(argv: list[str] | None, module: str, measure: Measure, fmt: Callab
     return cfg, rows
 
 
+def compose_bench(args: list[str]) -> Any:
+    """conf/config.yaml + conf/bench/train.yaml (``bench.*``) with command-line overrides."""
+    from gd.train.__main__ import compose_config
+
+    return compose_config(["+bench=train", *args])
+
+
 def _describe(cfg: Any) -> tuple[str, str]:
-    b = cfg.train.bench
+    b = cfg.bench
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     title = (f"# {cfg.model.name} input {cfg.model.input_size} batch {b.batch} on {gpu}; steps {b.steps} "
              f"(+{b.warmup} warmup); peak {cfg.train.peak_tflops} TFLOP/s")
@@ -283,11 +284,11 @@ def child_measure(cfg: Any, measure: Measure) -> bool:
 
 def run_specs(cfg: Any, args: list[str], module: str, measure: Measure,
               fmt: Callable[[dict, list[dict]], str]) -> list[dict]:
-    """Every configuration of ``cfg.train.bench`` measured (each in a child ``python -m module`` when isolated),
+    """Every configuration of ``cfg.bench`` measured (each in a child ``python -m module`` when isolated),
     printed as it finishes."""
     rows: list[dict] = []
-    for spec in _specs(cfg.train.bench):
-        rows.append(_run_child(module, args, spec) if bool(cfg.train.bench.get("isolate", True))
+    for spec in _specs(cfg.bench):
+        rows.append(_run_child(module, args, spec) if bool(cfg.bench.get("isolate", True))
                     else measure(cfg, spec, _device()))
         print(fmt(rows[-1], rows), flush=True)
     return rows

@@ -326,26 +326,19 @@ class Builder:
 
                 def plain_records():
                     for j, r in enumerate(rows):
-                        rec = {"latent": np.asarray(lat[c][j]), "label": int(labels[r]), "id": int(ids[r])}
-                        if lat_flip is not None:
-                            rec["latent_flip"] = np.asarray(lat_flip[c][j])
-                        yield rec
+                        yield shards.encode_plain(lat[c][j], labels[r], ids[r],
+                                                  lat_flip[c][j] if lat_flip is not None else None)
 
                 def group_records():
                     for j, r in enumerate(rows):
                         n = nbr[j]
                         valid = n >= 0
-                        rec = {
-                            "latent": np.asarray(lat[c][j]), "label": int(labels[r]), "id": int(ids[r]),
-                            "cand_latent": gather(lat, n), "cand_label": np.where(valid, labels[np.maximum(n, 0)], -1),
-                            "cand_id": np.where(valid, ids[np.maximum(n, 0)], -1).astype(np.int64),
-                            "cand_sim": np.where(valid, sim[j], -1.0).astype(np.float32),
-                            "count": int(count[j]), "num_cand": int(valid.sum()),
-                        }
-                        if lat_flip is not None:
-                            rec["latent_flip"] = np.asarray(lat_flip[c][j])
-                            rec["cand_latent_flip"] = gather(lat_flip, n)
-                        yield rec
+                        yield shards.encode_group(
+                            lat[c][j], labels[r], ids[r], cand_latent=gather(lat, n),
+                            cand_label=np.where(valid, labels[np.maximum(n, 0)], -1),
+                            cand_id=np.where(valid, ids[np.maximum(n, 0)], -1), cand_sim=np.where(valid, sim[j], -1.0),
+                            count=count[j], latent_flip=lat_flip[c][j] if lat_flip is not None else None,
+                            cand_latent_flip=gather(lat_flip, n) if lat_flip is not None else None)
 
                 staging = self.work / "write" / "staging"
                 pdesc = shards.write_part(self.cfg.out, "plain", c, pcols, plain_records(), staging, self.cfg.shard_size)

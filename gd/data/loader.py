@@ -18,8 +18,9 @@ import torch
 from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base.world import World
 
-from gd.data import storage
-from gd.data.grouping import draw_group, hash_uniform
+from gd.data import shards, storage
+from gd.data.grouping import hash_uniform
+from gd.diffusion.plan import check_groups
 
 
 def check_dataset(root: str) -> dict:
@@ -72,11 +73,9 @@ class PlainDataset(_EpochAware):
         self.seed, self.flip = int(seed), bool(flip)
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
-        s = super().get_item(sample_id, retry)
-        lat = s["latent"]
-        if self.flip and "latent_flip" in s and hash_uniform(self.seed, self.epoch, sample_id, 1)[0] < 0.5:
-            lat = s["latent_flip"]
-        return {"latent": lat, "label": np.int64(s["label"]), "id": np.int64(s["id"])}
+        rec = super().get_item(sample_id, retry)
+        flip = self.flip and "latent_flip" in rec and hash_uniform(self.seed, self.epoch, sample_id, 1)[0] < 0.5
+        return shards.decode_plain(rec, flip)
 
 
 class GroupDataset(_EpochAware):
@@ -90,19 +89,9 @@ class GroupDataset(_EpochAware):
         self.group_size, self.seed, self.flip = int(group_size), int(seed), bool(flip)
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
-        s = super().get_item(sample_id, retry)
-        count = int(s["count"])
-        u = hash_uniform(self.seed, self.epoch, sample_id, count + 1)
-        slots, fallback = draw_group(count, int(s["num_cand"]), self.group_size, u)
-        use_flip = self.flip and "latent_flip" in s and u[count] < 0.5
-        anchor, cands = (s["latent_flip"], s["cand_latent_flip"]) if use_flip else (s["latent"], s["cand_latent"])
-        return {
-            "latent": np.concatenate([anchor[None], cands[slots]]),
-            "label": np.concatenate([[s["label"]], s["cand_label"][slots]]).astype(np.int64),
-            "id": np.concatenate([[s["id"]], s["cand_id"][slots]]).astype(np.int64),
-            "sim": np.concatenate([[1.0], s["cand_sim"][slots]]).astype(np.float32),
-            "fallback": np.bool_(fallback),
-        }
+        rec = super().get_item(sample_id, retry)
+        u = shards.group_draws(self.seed, self.epoch, sample_id, rec)
+        return shards.decode_group(rec, self.group_size, u, self.flip and u[int(rec["count"])] < 0.5)
 
 
 def _get(cfg: Mapping | Any, key: str, default: Any = None) -> Any:
@@ -120,8 +109,7 @@ def build_loaders(data_cfg: Mapping | Any, *, group_size: int, micro_batch: int,
     "fallback": bool (B//N,)}, group-major, anchor first. data_cfg keys: root, cache, cache_limit, shuffle,
     num_workers, and optionally flip, drop_last (default true), predownload, shuffle_block_size."""
     root = str(_get(data_cfg, "root"))
-    if micro_batch < 1 or group_size < 1 or micro_batch % group_size:
-        raise ValueError(f"micro_batch={micro_batch} must be a positive multiple of group_size={group_size}")
+    check_groups(micro_batch, group_size, f"micro_batch={micro_batch}")
     world = World.detect()
     if (world.rank, world.num_ranks) != (int(rank), int(world_size)):
         raise ValueError(f"rank/world_size ({rank}/{world_size}) differ from what streaming detects "

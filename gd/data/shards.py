@@ -14,10 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from streaming import MDSWriter
 
 from gd.data import storage
+from gd.data.grouping import draw_group, hash_uniform
 
 META_VERSION = 1
 
@@ -42,6 +45,58 @@ def group_columns(latent_shape: tuple[int, ...], k: int, flip: bool = False) -> 
         cols["latent_flip"] = f"ndarray:float16:{shape}"
         cols["cand_latent_flip"] = f"ndarray:float16:{k},{shape}"
     return cols
+
+
+# ---- records: the writer's encode_* and the reader's decode_* side by side -------------------------------------
+def encode_plain(latent: np.ndarray, label: int, image_id: int, latent_flip: np.ndarray | None = None) -> dict:
+    """A plain record (the columns of :func:`plain_columns`)."""
+    rec = {"latent": np.asarray(latent), "label": int(label), "id": int(image_id)}
+    if latent_flip is not None:
+        rec["latent_flip"] = np.asarray(latent_flip)
+    return rec
+
+
+def decode_plain(rec: dict[str, Any], use_flip: bool) -> dict[str, Any]:
+    """A plain record as a sample: {"latent" float16 (C,H,W), "label", "id" int64}; the flipped latent when asked
+    and stored."""
+    lat = rec["latent_flip"] if use_flip and "latent_flip" in rec else rec["latent"]
+    return {"latent": lat, "label": np.int64(rec["label"]), "id": np.int64(rec["id"])}
+
+
+def encode_group(latent: np.ndarray, label: int, image_id: int, cand_latent: np.ndarray, cand_label: np.ndarray,
+                 cand_id: np.ndarray, cand_sim: np.ndarray, count: int, latent_flip: np.ndarray | None = None,
+                 cand_latent_flip: np.ndarray | None = None) -> dict:
+    """A group record (the columns of :func:`group_columns`): the anchor, its K candidates ordered so that the
+    ``count`` with cosine >= tau come first, missing candidates as label/id -1 and cosine -1."""
+    cand_id = np.asarray(cand_id, np.int64)
+    rec = {"latent": np.asarray(latent), "label": int(label), "id": int(image_id),
+           "cand_latent": np.asarray(cand_latent), "cand_label": np.asarray(cand_label, np.int64), "cand_id": cand_id,
+           "cand_sim": np.asarray(cand_sim, np.float32), "count": int(count), "num_cand": int((cand_id >= 0).sum())}
+    if latent_flip is not None:
+        rec["latent_flip"] = np.asarray(latent_flip)
+        rec["cand_latent_flip"] = np.asarray(cand_latent_flip)
+    return rec
+
+
+def decode_group(rec: dict[str, Any], group_size: int, u: np.ndarray, use_flip: bool) -> dict[str, Any]:
+    """A group record as a group of ``group_size`` (anchor first): the partners drawn by ``u`` (uniforms, at least
+    ``count`` of them) among the passing candidates (:func:`gd.data.grouping.draw_group`). Returns "latent" float16
+    (N,C,H,W), "label"/"id" int64 (N,), "sim" float32 (N,) (anchor 1.0), "fallback" (too few passed tau)."""
+    slots, fallback = draw_group(int(rec["count"]), int(rec["num_cand"]), group_size, u)
+    flip = use_flip and "latent_flip" in rec
+    anchor, cands = (rec["latent_flip"], rec["cand_latent_flip"]) if flip else (rec["latent"], rec["cand_latent"])
+    return {
+        "latent": np.concatenate([anchor[None], cands[slots]]),
+        "label": np.concatenate([[rec["label"]], rec["cand_label"][slots]]).astype(np.int64),
+        "id": np.concatenate([[rec["id"]], rec["cand_id"][slots]]).astype(np.int64),
+        "sim": np.concatenate([[1.0], rec["cand_sim"][slots]]).astype(np.float32),
+        "fallback": np.bool_(fallback),
+    }
+
+
+def group_draws(seed: int, epoch: int, sample_id: int, rec: dict[str, Any]) -> np.ndarray:
+    """The uniforms a group record's sample draws from: ``count`` for its partners, one more for its flip coin."""
+    return hash_uniform(seed, epoch, sample_id, int(rec["count"]) + 1)
 
 
 def part_name(index: int) -> str:

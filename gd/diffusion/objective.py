@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from gd.diffusion.path import LinearPath, Path
+from gd.diffusion.plan import check_groups
 
 VelocityModel = Callable[..., Tensor]
 
@@ -109,11 +110,9 @@ def group_loss(model: VelocityModel, x1: Tensor, y: Tensor, group_size: int, *, 
     if x1.ndim < 2:
         raise ValueError(f"x1 must be (G*N, ...), got shape {tuple(x1.shape)}")
     batch = x1.shape[0]
-    if group_size < 1 or batch % group_size != 0:
-        raise ValueError(f"batch of {batch} images is not a whole number of groups of size {group_size}")
+    groups = check_groups(batch, group_size)
     if y.shape[0] != batch:
         raise ValueError(f"labels have {y.shape[0]} entries for a batch of {batch}")
-    groups = batch // group_size
     if t is None:
         t = group_timesteps(groups, group_size, sigma_tv=sigma_tv, generator=generator, device=x1.device,
                             time_sampling=time_sampling)

@@ -1,4 +1,4 @@
-"""The batch plan: which training steps are group steps, their group size, and the labels they see.
+"""The batch plan: the one owner of "which group size, which labels" for training steps and sampling branches.
 
 GroupDiff-l and GroupDiff-f are expressed here, not as model surgery:
 - mode "l": with probability p_group a step is a group step (group loader, group size N, every label null);
@@ -6,25 +6,86 @@ GroupDiff-l and GroupDiff-f are expressed here, not as model surgery:
 - mode "f": every step is a group step (group size N); with probability p_group its labels are all null,
   otherwise they are kept with class dropout drawn per group (a group is conditional or unconditional as a whole).
 - mode "none": plain SiT (group size 1, per-image class dropout).
+At sampling the plan gives each CFG branch its group size (GroupDiff-l: conditional 1, unconditional N).
+
 Every step decision and every dropout mask is a pure function of (seed, step[, rank, micro]), so a resumed run
 replays the same plan without any saved state. Each step holds the same number of images; only how they are
-split into groups changes.
+split into groups changes, and :func:`batch_layout` is the one check that a batch splits as the plan needs.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from gd.rng import mix_seed, seeded_generator
+
 MODES = ("l", "f", "none")
 _TAG_STEP, _TAG_LABELS, _TAG_NOISE = 0, 1, 2
 
 
-def _seed(*parts: int) -> int:
-    """A 63-bit seed mixed from non-negative integers (numpy SeedSequence hashing)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+def check_groups(images: int, group_size: int, what: str = "batch") -> int:
+    """The number of groups ``images`` images make; ValueError when they do not split into whole groups."""
+    if int(group_size) < 1:
+        raise ValueError(f"group_size={group_size}: expected >= 1")
+    if int(images) < 1:
+        raise ValueError(f"{what}: {images} images; expected at least one group of {group_size}")
+    if int(images) % int(group_size):
+        raise ValueError(f"{what}: {images} images do not split into groups of {group_size} (not a whole "
+                         f"number of groups; batches are group-major: G groups x N members)")
+    return int(images) // int(group_size)
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the global batch (images per optimizer step) splits over processes and micro-steps."""
+
+    global_batch: int
+    micro_batch: int
+    world_size: int
+    grad_accum: int
+
+
+def batch_layout(train_cfg: Mapping[str, Any], world_size: int, group_size: int = 1,
+                 max_group_size: int | None = None) -> BatchLayout:
+    """Check the batch arithmetic for ``train_cfg`` (global_batch, micro_batch) on ``world_size`` processes with
+    groups of ``group_size``; return the layout, or raise ValueError naming every bad value.
+
+    global_batch images per optimizer step = micro_batch images per process per micro-step x world_size x
+    gradient accumulation; a group step's micro batch holds micro_batch / group_size whole groups.
+    """
+    gb, mb, n, world = train_cfg["global_batch"], train_cfg["micro_batch"], group_size, world_size
+    errors = []
+    for key, value in (("train.global_batch", gb), ("train.micro_batch", mb), ("diffusion.group_size", n),
+                       ("world size", world)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            errors.append(f"{key}={value!r}: expected a positive integer")
+    if errors:
+        raise ValueError("invalid batch configuration:\n  " + "\n  ".join(errors))
+    if max_group_size is not None and n > max_group_size:
+        errors.append(f"diffusion.group_size={n} exceeds model.max_group_size={max_group_size} "
+                      "(the sample embedding has one row per group member)")
+    if gb % n:
+        errors.append(f"train.global_batch={gb} is not divisible by diffusion.group_size={n}: "
+                      "a group step needs whole groups")
+    elif world > gb // n:
+        errors.append(f"{world} processes but train.global_batch={gb} holds only {gb // n} groups of "
+                      f"diffusion.group_size={n}: every process needs whole groups; use at most {gb // n} "
+                      "processes or a larger batch")
+    if gb % (mb * world):
+        errors.append(f"train.global_batch={gb} is not divisible by train.micro_batch={mb} x world size {world} "
+                      f"= {mb * world}: not a multiple of {world} processes x the micro batch, so gradient "
+                      "accumulation would not be a whole number of micro-batches")
+    if mb % n:
+        errors.append(f"train.micro_batch={mb} images is not divisible by diffusion.group_size={n}: "
+                      f"a micro batch must hold whole groups")
+    if errors:
+        raise ValueError("invalid batch configuration:\n  " + "\n  ".join(errors))
+    return BatchLayout(gb, mb, world, gb // (mb * world))
 
 
 @dataclass(frozen=True)
@@ -43,16 +104,14 @@ class StepPlan:
 
     def num_groups(self, images: int) -> int:
         """How many groups `images` images make on this step; the image count is the same on every step."""
-        if images % self.group_size != 0:
-            raise ValueError(f"{images} images per batch do not split into groups of {self.group_size}")
-        return images // self.group_size
+        return check_groups(images, self.group_size)
 
 
 class BatchPlan:
     """Deterministic per-step plan for GroupDiff-l ("l"), GroupDiff-f ("f") or plain SiT ("none")."""
 
-    def __init__(self, mode: str, group_size: int, p_group: float, class_dropout_prob: float,
-                 num_classes: int, seed: int) -> None:
+    def __init__(self, mode: str, group_size: int, p_group: float = 0.0, class_dropout_prob: float = 0.0,
+                 num_classes: int = 1, seed: int = 0) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         if int(group_size) < 1:
@@ -72,16 +131,48 @@ class BatchPlan:
         self.num_classes = int(num_classes)
         self.seed = int(seed)
 
+    @classmethod
+    def from_config(cls, diffusion: Mapping[str, Any], model: Mapping[str, Any] | None = None,
+                    seed: int = 0) -> BatchPlan:
+        """The plan of a run from ``cfg.diffusion`` (mode, group_size, p_group) and ``cfg.model`` (num_classes,
+        class_dropout_prob; optional for sampling-only use)."""
+        model = model or {}
+        return cls(str(diffusion.get("mode", "none")), int(diffusion.get("group_size", 1)),
+                   float(diffusion.get("p_group", 0.0)), float(model.get("class_dropout_prob", 0.0)),
+                   int(model.get("num_classes", 1)), int(seed))
+
     def __repr__(self) -> str:
         return (f"BatchPlan(mode={self.mode!r}, group_size={self.group_size}, p_group={self.p_group}, "
                 f"class_dropout_prob={self.class_dropout_prob}, num_classes={self.num_classes}, seed={self.seed})")
 
+    # ---- group sizes ----------------------------------------------------------------------------------------
+    @property
+    def uses_groups(self) -> bool:
+        """Whether any training step is a group step (so batches must split into groups and the group stream
+        is read)."""
+        return self.mode == "f" or (self.mode == "l" and self.p_group > 0.0)
+
+    @property
+    def train_group_size(self) -> int:
+        """The largest group size any training step uses: what micro-batches and the group stream must serve."""
+        return self.group_size if self.uses_groups else 1
+
+    def sampling_group_sizes(self) -> tuple[int, int]:
+        """(conditional, unconditional) CFG branch group sizes: GroupDiff-l (1, N), -f (N, N), plain (1, 1)."""
+        return {"l": (1, self.group_size), "f": (self.group_size, self.group_size), "none": (1, 1)}[self.mode]
+
+    def layout(self, train_cfg: Mapping[str, Any], world_size: int,
+               max_group_size: int | None = None) -> BatchLayout:
+        """:func:`batch_layout` at this plan's training group size."""
+        return batch_layout(train_cfg, world_size, self.train_group_size, max_group_size)
+
+    # ---- per-step decisions ---------------------------------------------------------------------------------
     def step(self, step: int) -> StepPlan:
         """The plan of training step `step` (>= 0)."""
         if int(step) < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         step = int(step)
-        drawn = bool(np.random.default_rng(_seed(self.seed, _TAG_STEP, step)).random() < self.p_group)
+        drawn = bool(np.random.default_rng(mix_seed(self.seed, _TAG_STEP, step)).random() < self.p_group)
         if self.mode == "none":
             return StepPlan(step, False, 1, False)
         if self.mode == "l":
@@ -102,16 +193,14 @@ class BatchPlan:
                              f"got range [{int(y.min())}, {int(y.max())}]")
         plan = self.step(step)
         flat = y.reshape(-1)
-        if flat.shape[0] % plan.group_size != 0:
-            raise ValueError(f"{flat.shape[0]} labels do not split into groups of {plan.group_size}")
+        groups = plan.num_groups(flat.shape[0])
         if plan.null_labels:
             return torch.full_like(y, self.num_classes)
         if self.class_dropout_prob == 0.0:
             return y.clone()
-        gen = torch.Generator().manual_seed(_seed(self.seed, _TAG_LABELS, int(step), int(rank), int(micro)))
+        gen = seeded_generator(self.seed, _TAG_LABELS, int(step), int(rank), int(micro))
         per_group = self.mode == "f"
-        n_draws = flat.shape[0] // plan.group_size if per_group else flat.shape[0]
-        drop = torch.rand(n_draws, generator=gen) < self.class_dropout_prob
+        drop = torch.rand(groups if per_group else flat.shape[0], generator=gen) < self.class_dropout_prob
         if per_group:
             drop = drop.repeat_interleave(plan.group_size)
         out = torch.where(drop.to(flat.device), torch.full_like(flat, self.num_classes), flat)
@@ -120,8 +209,7 @@ class BatchPlan:
     def generator(self, step: int, rank: int = 0, micro: int = 0,
                   device: torch.device | str = "cpu") -> torch.Generator:
         """A generator for the step's time and noise draws, seeded from (seed, step, rank, micro)."""
-        return torch.Generator(device=device).manual_seed(
-            _seed(self.seed, _TAG_NOISE, int(step), int(rank), int(micro)))
+        return seeded_generator(self.seed, _TAG_NOISE, int(step), int(rank), int(micro), device=device)
 
     def group_fraction(self, steps: int, start: int = 0) -> float:
         """Fraction of null-label steps among `steps` steps from `start` (the empirical p_group)."""

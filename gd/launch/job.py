@@ -46,7 +46,7 @@ class RunJob(submitit.helpers.Checkpointable):
 def run_task(cfg: DictConfig, stop_requested: Callable[[], bool] | None) -> Any:
     """Calls the function behind `cfg.task`; imported here so the launcher itself never imports torch."""
     if cfg.task == "train":
-        from gd.train.loop import train
+        from gd.train import train
 
         return train(cfg, stop_requested)
     if cfg.task == "sample":

@@ -15,7 +15,6 @@ from gd.launch.errors import LaunchError
 
 TASKS = ("train", "sample", "evaluate")
 CLUSTER_KINDS = ("local", "slurm")
-GROUP_MODES = ("l", "f", "none")
 # Name fragments of environment variables that hold credentials (as gd.data.build.SECRET_WORDS for shard options;
 # not imported from there because that module pulls in torch and faiss).
 SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
@@ -100,43 +99,26 @@ def _check_cluster(cluster: DictConfig, warnings: list[str]) -> list[str]:
 
 
 def _check_batch(cfg: DictConfig) -> list[str]:
-    train, diffusion, cluster = cfg.train, cfg.diffusion, cfg.cluster
-    batch, micro, n = train.global_batch, train.micro_batch, diffusion.group_size
-    world = world_size(cluster)
-    ranks = f"{world} processes (cluster.nodes={cluster.nodes} x {tasks_per_node(cluster)} tasks per node)"
-    problems = []
-    for key, value in (("train.global_batch", batch), ("train.micro_batch", micro), ("diffusion.group_size", n)):
-        if not isinstance(value, int) or value < 1:
-            problems.append(f"{key}={value!r}: expected a positive integer")
-    if diffusion.mode not in GROUP_MODES:
-        problems.append(f"diffusion.mode={diffusion.mode!r} is not one of {', '.join(GROUP_MODES)}")
-    if problems:
-        return problems
-    if diffusion.mode == "none" and n != 1:
-        problems.append(f"diffusion.group_size={n} with diffusion.mode=none: plain training has group_size 1")
-    if n > cfg.model.max_group_size:
-        problems.append(f"diffusion.group_size={n} exceeds model.max_group_size={cfg.model.max_group_size} "
-                        "(the sample embedding has one row per group member)")
-    if batch % n:
-        problems.append(f"train.global_batch={batch} is not divisible by diffusion.group_size={n}: "
-                        "a group step needs whole groups")
-    elif world > batch // n:
-        problems.append(f"{ranks} but train.global_batch={batch} holds only {batch // n} groups of "
-                        f"diffusion.group_size={n}: use at most {batch // n} processes or a larger batch")
-    if micro % n:
-        problems.append(f"train.micro_batch={micro} is not divisible by diffusion.group_size={n}: "
-                        "each process needs whole groups in every micro-batch")
-    if batch % (world * micro):
-        problems.append(f"train.global_batch={batch} is not a multiple of {ranks} x train.micro_batch={micro}"
-                        f" = {world * micro} (gradient accumulation must be a whole number of micro-batches)")
-    if not problems:
-        from gd.train.engine import BatchLayout, deepspeed_config
+    """The batch plan's layout check and the engine's stage/precision check, exactly as the trainer runs them."""
+    from gd.diffusion.plan import BatchPlan
+    from gd.train.engine import deepspeed_config
 
-        try:  # ZeRO stage, precision and their combination, as the trainer will check them
-            deepspeed_config(cfg.train, BatchLayout(batch, micro, world, batch // (world * micro)))
-        except ValueError as err:
-            problems.append(str(err))
-    return problems
+    world = world_size(cfg.cluster)
+    ranks = f"{world} processes = cluster.nodes={cfg.cluster.nodes} x {tasks_per_node(cfg.cluster)} tasks per node"
+    try:
+        plan = BatchPlan.from_config(cfg.diffusion, cfg.model, int(cfg.seed))
+    except ValueError as err:
+        return [f"diffusion: {err}"]
+    if cfg.diffusion.mode == "none" and cfg.diffusion.group_size != 1:
+        return [f"diffusion.group_size={cfg.diffusion.group_size} with diffusion.mode=none: plain training has "
+                "group_size 1"]
+    try:
+        layout = plan.layout(cfg.train, world, int(cfg.model.max_group_size))
+        deepspeed_config(cfg.train, layout)
+    except ValueError as err:
+        lines = [line.strip() for line in str(err).splitlines()[1:]] or [str(err)]
+        return [f"{line} ({ranks})" if "processes" in line else line for line in lines]
+    return []
 
 
 def _check_sampling(cfg: DictConfig) -> list[str]:
@@ -192,7 +174,9 @@ def _check_meta(cfg: DictConfig, meta_path: Path) -> list[str]:
     if classes is not None and classes != model.num_classes:
         problems.append(f"data.root={root} has num_classes={classes} but model.num_classes={model.num_classes}")
     n_max = meta.get("n_max")
-    if n_max is not None and cfg.diffusion.mode != "none" and n > n_max:
+    from gd.diffusion.plan import BatchPlan
+
+    if n_max is not None and BatchPlan.from_config(cfg.diffusion).train_group_size > n_max:
         problems.append(f"diffusion.group_size={n} but the shards in data.root={root} serve groups of at most "
                         f"n_max={n_max}: rebuild them with n_max>={n}")
     return problems

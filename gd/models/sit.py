@@ -20,6 +20,7 @@ The model never drops labels: class dropout for CFG training is done by gd.diffu
 """
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from typing import Any
@@ -325,11 +326,11 @@ def _validate(input_size: int, patch_size: int, hidden_size: int, depth: int, nu
             raise ValueError(f"group_t_window={list(group_t_window)}: expected [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1")
 
 
-BUILD_KEYS = (
-    "input_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob", "max_group_size",
-    "sample_embed", "attn_backend", "group_layers", "group_t_window", "grad_checkpointing",
-    "hidden_size", "depth", "num_heads", "mlp_ratio",
-)
+# The options build_model takes: SiT's own arguments and their defaults (the official SiT-XL/2 ImageNet-256 setup),
+# read from its signature so they are defined once; the patch size comes from the model name.
+_DEFAULTS: dict[str, Any] = {name: p.default for name, p in inspect.signature(SiT.__init__).parameters.items()
+                             if name not in ("self", "patch_size")}
+BUILD_KEYS = tuple(_DEFAULTS)
 
 
 def build_model(name: str, **overrides: Any) -> SiT:
@@ -345,11 +346,7 @@ def build_model(name: str, **overrides: Any) -> SiT:
     unknown = sorted(set(overrides) - set(BUILD_KEYS))
     if unknown:
         raise TypeError(f"build_model({name!r}): unknown option(s) {unknown}; expected some of {list(BUILD_KEYS)}")
-    kwargs: dict[str, Any] = dict(
-        input_size=32, in_channels=4, num_classes=1000, learn_sigma=True, class_dropout_prob=0.1,
-        max_group_size=16, sample_embed=True, attn_backend="sdpa", group_layers=None, group_t_window=None,
-        grad_checkpointing=False, mlp_ratio=4.0, **SIZES[match.group(1)],
-    )
+    kwargs: dict[str, Any] = {**_DEFAULTS, **SIZES[match.group(1)]}
     kwargs.update({k: _plain(v) for k, v in overrides.items()})
     model = SiT(patch_size=int(match.group(2)), **kwargs)
     model.config = {"name": name, **kwargs}

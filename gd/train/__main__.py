@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda signum, frame: requested.set())
     stop_file = Path(cfg.run.dir) / "STOP"
 
+    from gd.train import train
     from gd.train.engine import dist_env
-    from gd.train.loop import train
 
     result = train(cfg, stop_requested=lambda: requested.is_set() or stop_file.exists())
     if dist_env()[0] == 0 and stop_file.exists():

@@ -193,3 +193,23 @@ def export_ema(model_config: dict[str, Any], ema_state: dict[str, torch.Tensor],
     fresh = build_model(kwargs.pop("name"), **kwargs)
     save_model(fresh, path, state_dict={**fresh.state_dict(), **ema_state})
     atomic_write_text(Path(path).parent / "model.json", json.dumps(dict(model_config), indent=1))
+
+
+class Checkpointer:
+    """A run's checkpoint cadence (``train.ckpt_every``, the last step, preemption) around a :class:`CheckpointManager`.
+
+    ``resumable()`` finds and checks the checkpoint to resume from before any process group exists, so a run
+    pointed at another model's directory fails in seconds.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, every: int, keep_last: int, rank: int, world_size: int) -> None:
+        self.manager = CheckpointManager(run_dir, keep_last, rank, world_size)
+        self.every = int(every)
+
+    def resumable(self, model_cfg: Any) -> tuple[Path | None, dict[str, Any]]:
+        """(the checkpoint ``latest`` names, its meta) after the compatibility check; (None, {}) when fresh."""
+        latest = self.manager.latest()
+        return (latest, self.manager.check_compatible(latest, model_cfg)) if latest is not None else (None, {})
+
+    def due(self, step: int, last_step: int) -> bool:
+        return step % self.every == 0 or step == last_step

@@ -1,7 +1,8 @@
 """The DeepSpeed engine: process group, batch layout, DeepSpeed config generated from ``cfg.train``, client optimizer.
 
-Everything that can be wrong with a config is checked by :func:`batch_layout` / :func:`deepspeed_config` before
-any process group, model or data exists, so a bad run fails in seconds with the offending values in the message.
+Everything that can be wrong with a config is checked by :func:`gd.diffusion.plan.batch_layout` and
+:func:`deepspeed_config` before any process group, model or data exists, so a bad run fails in seconds with the
+offending values in the message.
 
 Unused parameters: on a conditional GroupDiff-l step ``sample_embed`` receives no gradient. Plain torch AdamW skips
 a parameter whose ``grad`` is None, but ZeRO (and DeepSpeed's bf16 optimizers) step flat fp32 partitions with a zero
@@ -28,6 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gd.diffusion.plan import BatchLayout
+
 # DeepSpeed picks its accelerator at import time; on a machine without CUDA it must be told "cpu" first.
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -48,16 +51,6 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """How the global batch (images per optimizer step) splits over processes and micro-steps."""
-
-    global_batch: int
-    micro_batch: int
-    world_size: int
-    grad_accum: int
 
 
 def _free_port() -> int:
@@ -94,38 +87,6 @@ def init_distributed(timeout_s: float = 1800.0) -> Dist:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
-
-
-def uses_groups(diffusion_cfg: Mapping[str, Any]) -> bool:
-    """Whether any step of this diffusion config is a group step (so batches must split into groups)."""
-    mode = diffusion_cfg.get("mode", "none")
-    return mode == "f" or (mode == "l" and float(diffusion_cfg.get("p_group", 0.0)) > 0.0)
-
-
-def batch_layout(train_cfg: Mapping[str, Any], world_size: int, group_size: int = 1,
-                 max_group_size: int | None = None) -> BatchLayout:
-    """Check the batch arithmetic and return the layout; raises ValueError naming every bad value.
-
-    global_batch images per optimizer step = micro_batch images per process per micro-step x world_size x
-    gradient accumulation; a group step's micro batch holds micro_batch / group_size whole groups.
-    """
-    gb, mb = int(train_cfg["global_batch"]), int(train_cfg["micro_batch"])
-    errors = []
-    if gb < 1 or mb < 1:
-        errors.append(f"train.global_batch={gb} and train.micro_batch={mb} must be >= 1")
-    elif gb % (mb * world_size):
-        errors.append(f"train.global_batch={gb} is not divisible by train.micro_batch={mb} x world size "
-                      f"{world_size} = {mb * world_size}")
-    if group_size < 1:
-        errors.append(f"diffusion.group_size={group_size} must be >= 1")
-    elif mb % group_size:
-        errors.append(f"train.micro_batch={mb} images is not divisible by diffusion.group_size={group_size}: "
-                      f"a micro batch must hold whole groups")
-    if max_group_size is not None and group_size > max_group_size:
-        errors.append(f"diffusion.group_size={group_size} exceeds model.max_group_size={max_group_size}")
-    if errors:
-        raise ValueError("invalid batch configuration:\n  " + "\n  ".join(errors))
-    return BatchLayout(gb, mb, world_size, gb // (mb * world_size))
 
 
 def _deep_update(base: dict, extra: Mapping) -> dict:

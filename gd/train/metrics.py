@@ -112,3 +112,46 @@ class MetricsLogger:
             self._tb.close()
         if self._bar is not None:
             self._bar.close()
+
+
+class StepLog:
+    """The metrics of the steps since the last log line; owns the log cadence (``train.log_every``).
+
+    ``loss`` is the mean objective of the window's applied steps. A group step's objective sums its N members
+    (GroupDiff's L_Group), so ``loss`` alone mixes scales: ``loss_cond`` / ``loss_group`` are per image by step kind.
+    """
+
+    def __init__(self, logger: MetricsLogger, throughput: Throughput, every: int, last_step: int) -> None:
+        self.logger, self.throughput = logger, throughput
+        self.every, self.last_step = int(every), int(last_step)
+        self._reset()
+        throughput.reset()
+
+    def _reset(self) -> None:
+        self.loss, self.n = 0.0, 0
+        self.by_kind = {"cond": [0.0, 0], "group": [0.0, 0]}
+
+    def add(self, images: int, group_size: int, loss: float | None, grouped: bool) -> None:
+        """One optimizer step of ``images`` images (all ranks); ``loss`` None when its update was skipped."""
+        self.throughput.add(images, group_size)
+        if loss is None:
+            return
+        self.loss += loss
+        self.n += 1
+        kind = self.by_kind["group" if grouped else "cond"]
+        kind[0] += loss / group_size
+        kind[1] += 1
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.last_step
+
+    def maybe_log(self, step: int, values: dict[str, Any]) -> bool:
+        """Write the window's record (plus ``values``) when ``step`` is due; returns whether it did."""
+        if not self.due(step):
+            return False
+        self.logger.log(step, {
+            "loss": self.loss / self.n if self.n else math.nan, **values, **self.throughput.read(),
+            **{f"loss_{k}": v[0] / v[1] for k, v in self.by_kind.items() if v[1]},
+        })
+        self._reset()
+        return True

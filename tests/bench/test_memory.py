@@ -14,13 +14,13 @@ def test_fake_peak_equals_real_peak_and_holds_the_optimizer_state():
 
     device = init_distributed().device
     # The real run uses the same batch and latents as the fake one, so both peaks must agree.
-    cfg = _narrowed(bench_cfg("train.bench.memory_batch=8", "train.bench.memory_input_size=8"))
+    cfg = _narrowed(bench_cfg("bench.memory_batch=8", "bench.memory_input_size=8"))
     row = measure(cfg, {"mode": "reference", "variant": "-", "n": 4, "compile": False}, device)
     assert not row["error"], row["error"]
     assert row["full"] == pytest.approx(row["small"], rel=0.01)
     params = sum(p.numel() for p in _build(cfg).parameters())
     # fp32 weights, gradients, Adam's two moments and the EMA: 20 bytes per parameter, plus activations.
     assert 20 * params <= row["small"] <= 20 * params + 8 * 2**20
-    bad = measure(bench_cfg("train.bench.memory_batch=6"), {"mode": "reference", "variant": "-", "n": 4,
+    bad = measure(bench_cfg("bench.memory_batch=6"), {"mode": "reference", "variant": "-", "n": 4,
                                                              "compile": False}, device)
     assert "memory_batch=6 is not a multiple of N=4" in bad["error"]

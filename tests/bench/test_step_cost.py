@@ -67,8 +67,8 @@ def test_main_prints_one_row_per_configuration(capsys, tmp_path):
     from tests.bench.conftest import BENCH_ARGS
 
     out = tmp_path / "rows.json"
-    assert main([*BENCH_ARGS, "train.bench.isolate=false", "train.bench.group_sizes=[1,4]",
-                 "train.bench.variants=[z0_fp32]", f"train.bench.out={out}"]) == 0
+    assert main([*BENCH_ARGS, "bench.isolate=false", "bench.group_sizes=[1,4]",
+                 "bench.variants=[z0_fp32]", f"bench.out={out}"]) == 0
     table = capsys.readouterr().out.split("| mode |")[-1].strip().splitlines()[2:]
     assert [tuple(c.strip() for c in r.split("|")[1:4]) for r in table] == [
         ("reference", "-", "1"), ("engine", "z0_fp32", "1"), ("reference", "-", "4"), ("engine", "z0_fp32", "4")]

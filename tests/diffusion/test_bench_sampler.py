@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 pytest.importorskip("gd.models")
-from gd.bench.sampler import group_sizes, run  # noqa: E402
+from gd.bench.sampler import run  # noqa: E402
+from gd.diffusion.plan import BatchPlan  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 TINY = ["model=sit_s2", "model.input_size=8", "model.in_channels=1", "model.num_classes=4", "+model.depth=2",
@@ -32,6 +33,8 @@ def test_bench_counts_nfe_and_projects(tmp_path: Path) -> None:
 
 
 def test_group_sizes_per_mode() -> None:
-    assert group_sizes("l", 4) == (1, 4) and group_sizes("f", 4) == (4, 4) and group_sizes("none", 4) == (1, 1)
-    with pytest.raises(ValueError, match="bench.mode"):
-        group_sizes("x", 4)
+    """The sampling branches' group sizes come from the batch plan: GroupDiff-l groups only the unconditional one."""
+    sizes = {m: BatchPlan(m, 4).sampling_group_sizes() for m in ("l", "f", "none")}
+    assert sizes == {"l": (1, 4), "f": (4, 4), "none": (1, 1)}
+    with pytest.raises(ValueError, match="mode 'x'"):
+        BatchPlan("x", 4)

@@ -11,7 +11,8 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 from gd.models import build_model
 from gd.train.ema import ShardedEMA
-from gd.train.engine import batch_layout, build_engine, init_distributed
+from gd.diffusion.plan import batch_layout
+from gd.train.engine import build_engine, init_distributed
 
 
 def bf16_engine_with_ema(stage: int, weight_decay: float = 0.0) -> tuple[Any, ShardedEMA]:

@@ -13,8 +13,10 @@ import torch
 
 from gd.train.checkpoint import CheckpointMismatchError, model_signature
 from gd.train.ema import ShardedEMA
-from gd.train.engine import GuardedAdamW, batch_layout, deepspeed_config
+from gd.diffusion.plan import batch_layout
+from gd.train.engine import GuardedAdamW, deepspeed_config
 from tests.train.conftest import clean_streaming_shm, overrides
+from tests.train.faults import callbacks
 
 
 def compose(*args: str):
@@ -62,7 +64,7 @@ def test_layout_rejects_bad_batches(global_batch, micro, world, n, needle):
     (["train.micro_batch=6", "train.global_batch=12"], "micro_batch=6 images is not divisible by diffusion.group_size=4"),
 ])
 def test_train_fails_before_any_work(tmp_path, extra, needle):
-    from gd.train.loop import train
+    from gd.train import train
 
     run = tmp_path / "run"
     cfg = compose(*overrides(tmp_path / "no-shards", run, *extra))
@@ -73,7 +75,7 @@ def test_train_fails_before_any_work(tmp_path, extra, needle):
 
 
 def test_refuses_checkpoint_of_another_model(tmp_path):
-    from gd.train.loop import train
+    from gd.train import train
 
     run = tmp_path / "run"
     other = compose(*overrides(tmp_path, run, "model.hidden_size=96"))
@@ -181,11 +183,12 @@ def _records(run: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_stop(fm_shards, tmp_path):
-    from gd.train.loop import NonFiniteError, train
+    from gd.train import train
+    from gd.train.guard import NonFiniteError
 
     run = tmp_path / "nan"
     base = overrides(fm_shards, run, "train.global_batch=8", "train.steps=6", "train.ckpt_every=100")
-    result = train(compose(*base, "train.debug.nan_steps=[2,3]", "train.max_nonfinite=3"))
+    result = train(compose(*base, callbacks(NanInputs={"steps": [2, 3]}), "train.max_nonfinite=3"))
     _free_streaming(fm_shards)
     assert result["skipped_steps"] == 2 and math.isfinite(result["loss"])
     recs = {r["step"]: r for r in _records(run) if "loss" in r}
@@ -197,13 +200,13 @@ def test_nonfinite_steps_are_skipped_then_stop(fm_shards, tmp_path):
     run2 = tmp_path / "nan_stop"
     with pytest.raises(NonFiniteError, match="2 consecutive steps"):
         train(compose(*overrides(fm_shards, run2, "train.global_batch=8", "train.steps=6",
-                                 "train.debug.nan_steps=[1,2,3]", "train.max_nonfinite=2")))
+                                 callbacks(NanInputs={"steps": [1, 2, 3]}), "train.max_nonfinite=2")))
     _free_streaming(fm_shards)
 
 
 @pytest.mark.slow
 def test_stop_requested_checkpoints_and_resumes(fm_shards, tmp_path):
-    from gd.train.loop import train
+    from gd.train import train
 
     run = tmp_path / "stop"
     cfg = compose(*overrides(fm_shards, run, "train.global_batch=8", "train.steps=6", "train.ckpt_every=100",
@@ -227,8 +230,8 @@ def test_bench_prints_reference_and_engine_rows(capsys):
     from gd.bench.train import main
 
     args = [a for a in overrides(Path("unused"), Path("unused")) if not a.startswith("diffusion")]
-    main([*args, "train.bench.isolate=false", "train.bench.steps=2", "train.bench.warmup=1", "train.bench.batch=8",
-          "train.bench.group_sizes=[4]", "train.bench.compile=[false]", "train.bench.variants=[z2_fp32]"])
+    main([*args, "bench.isolate=false", "bench.steps=2", "bench.warmup=1", "bench.batch=8",
+          "bench.group_sizes=[4]", "bench.compile=[false]", "bench.variants=[z2_fp32]"])
     table = capsys.readouterr().out.split("| mode |")[-1].strip().splitlines()[2:]
     assert [r.split("|")[1].strip() for r in table] == ["reference", "engine"]
     for row in table:

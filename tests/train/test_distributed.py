@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.train.conftest import clean_streaming_shm, kill_group, overrides, torchrun, wait, wait_for_step
+from tests.train.faults import callbacks
 
 pytestmark = pytest.mark.slow
 STEPS, CKPT_EVERY = 24, 8
@@ -84,7 +85,7 @@ def test_zero2_loss_falls_and_exports_ema(zero2_reference):
 def test_zero2_sigkill_resume_is_bitwise(zero2_reference, fm_shards, tmp_path):
     run, log = tmp_path / "run", tmp_path / "log1.txt"
     kill_at = random.Random().randint(CKPT_EVERY + 1, STEPS - 3)
-    proc = torchrun(overrides(fm_shards, run, "train.zero_stage=2", "train.debug.step_delay_s=0.25"), log)
+    proc = torchrun(overrides(fm_shards, run, "train.zero_stage=2", callbacks(StepDelay={"seconds": 0.25})), log)
     wait_for_step(run / "metrics.jsonl", kill_at, proc, log)
     kill_group(proc)  # SIGKILL to torchrun and both workers, mid-training
     clean_streaming_shm(fm_shards)
@@ -105,7 +106,7 @@ def test_zero2_sigkill_resume_is_bitwise(zero2_reference, fm_shards, tmp_path):
 def test_zero3_interrupted_checkpoint_and_resume(zero2_reference, fm_shards, tmp_path):
     run, log = tmp_path / "run", tmp_path / "log1.txt"
     args = overrides(fm_shards, run, "train.zero_stage=3")
-    proc = torchrun([*args, f"train.debug.kill_in_checkpoint={2 * CKPT_EVERY}"], log)
+    proc = torchrun([*args, callbacks(KillInCheckpoint={"step": 2 * CKPT_EVERY})], log)
     assert wait(proc, log) != 0
     clean_streaming_shm(fm_shards)
     ckpts = run / "checkpoints"

@@ -1,0 +1,279 @@
+"""The trainer: model + batch plan + data + DeepSpeed engine + EMA, driven step by step.
+
+``train()`` loops over ``train_step()``, which runs ``forward_backward()`` for each of the step's ``grad_accum``
+micro-batches and then the update. Each concern with a cadence owns it: the checkpointer (``train.ckpt_every``,
+the last step, preemption), the step log (``train.log_every``) and the S_cross probe (``train.s_cross_every``);
+callbacks (gd.train.callbacks) hook in from outside, fault injection included. The benchmarks time the same
+``forward`` / ``backward`` / update methods on synthetic data (gd.bench.train).
+
+The batch plan (gd.diffusion.plan) decides per step whether it is a conditional step (plain stream, group size 1)
+or a group step (group stream, group size N); both hold the same number of images. Every random draw of a step
+(labels dropped, t, noise) comes from generators seeded by (seed, step, rank, micro), and the data streams resume
+from their saved state, so a resumed run repeats the uninterrupted one bit for bit on CPU.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from gd.diffusion.objective import group_loss
+from gd.diffusion.plan import BatchPlan, StepPlan
+from gd.io import atomic_write_text
+from gd.train import engine as eng
+from gd.train.callbacks import Callback, CallbackList
+from gd.train.checkpoint import Checkpointer, export_ema, model_signature
+from gd.train.data import StreamingData
+from gd.train.ema import ShardedEMA
+from gd.train.guard import NonFiniteError, NonFiniteGuard
+from gd.train.metrics import MetricsLogger, StepLog, Throughput
+from gd.train.probes import SCrossProbe
+
+log = logging.getLogger("gd.train")
+
+__all__ = ["Trainer", "MicroBatch", "StepResult", "NonFiniteError", "check_train_cfg"]
+
+
+def check_train_cfg(t: Any) -> None:
+    """The loop's own settings (cadences, steps, lr); ValueError naming every bad value."""
+    problems = []
+    for key in ("steps", "log_every", "ckpt_every", "keep_last", "max_nonfinite"):
+        value = t.get(key)
+        minimum = 0 if key == "steps" else 1
+        if value is None or int(value) < minimum:
+            problems.append(f"train.{key}={value}: expected an integer >= {minimum}")
+    if float(t.get("lr", 0)) <= 0:
+        problems.append(f"train.lr={t.get('lr')}: expected > 0")
+    if problems:
+        raise ValueError("invalid train config:\n  " + "\n  ".join(problems))
+
+
+def model_kwargs(model_cfg: Any) -> dict[str, Any]:
+    """``cfg.model`` as build_model arguments (``name`` included); unset (null) options keep the model's default."""
+    kwargs = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
+    return {k: v for k, v in kwargs.items() if v is not None or k in ("group_layers", "group_t_window")}
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch as the model sees it: latents and labels on the device, the draws' generator, its plan."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    generator: torch.Generator
+    plan: StepPlan
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step did: its plan, the mean loss over ranks and micro-batches (None when the update
+    was skipped) and whether a stop was requested on any rank."""
+
+    plan: StepPlan
+    loss: float | None
+    skipped: bool
+    stop: bool
+
+
+class Trainer:
+    """Trains (or resumes) the run ``cfg.run.dir`` to ``cfg.train.steps`` optimizer steps.
+
+    ``stop_requested()`` true on any rank makes every rank checkpoint and ``train()`` return with
+    ``preempted=True``. ``data`` replaces the shard streams (benchmarks); ``resume=False`` ignores the run
+    directory's checkpoints (benchmarks, which never call ``train()``); ``fused`` picks the AdamW kernels (None:
+    fused on CUDA; the benchmarks force the CUDA choice on a CPU).
+    """
+
+    def __init__(self, cfg: DictConfig, *, stop_requested: Callable[[], bool] | None = None,
+                 callbacks: Iterable[Callback] = (), data: Any = None, resume: bool = True,
+                 fused: bool | None = None) -> None:
+        t = cfg.train
+        check_train_cfg(t)
+        rank, world, _ = eng.dist_env()
+        self.cfg = cfg
+        self.plan = BatchPlan.from_config(cfg.diffusion, cfg.model, int(cfg.seed))
+        self.layout = self.plan.layout(t, world, int(cfg.model.max_group_size))
+        eng.deepspeed_config(t, self.layout)  # rejects bad stage/precision before any process starts work
+        self.run_dir = Path(cfg.run.dir)
+        self.steps = int(t.steps)
+        self.checkpointer = Checkpointer(self.run_dir, int(t.ckpt_every), int(t.keep_last), rank, world)
+        self.resume_from, resume_meta = self.checkpointer.resumable(cfg.model) if resume else (None, {})
+        self.resume_step = int(resume_meta.get("step", 0))
+
+        self.dist = d = eng.init_distributed()
+        random.seed(int(cfg.seed) + d.rank)
+        np.random.seed((int(cfg.seed) + d.rank) % 2**32)
+        torch.manual_seed(int(cfg.seed))  # identical initial weights on every rank (ZeRO-3 partitions each copy)
+
+        from gd.models import build_model
+
+        kwargs = model_kwargs(cfg.model)
+        self.model = build_model(kwargs.pop("name"), **kwargs)
+        self.model_config = dict(self.model.config)
+        self.engine, self.optimizer = eng.build_engine(self.model, t, self.layout, d.device, fused=fused)
+        self.zero3 = int(t.zero_stage) == 3
+        self.ema = ShardedEMA(self.engine.module, float(t.ema_decay), zero3=self.zero3,
+                              optimizer=self.engine.optimizer)
+        self.data = data if data is not None else StreamingData(
+            cfg.data, self.layout, self.plan.train_group_size, int(cfg.seed), d.rank, d.world_size)
+        self.guard = NonFiniteGuard(self.optimizer, int(t.max_nonfinite), int(resume_meta.get("skipped_steps", 0)),
+                                    verbose=d.is_main)
+        self.probe = SCrossProbe(int(t.get("s_cross_every") or 0), self.zero3)
+        self.callbacks = CallbackList(callbacks)
+        self.stop_requested = stop_requested
+        self.sigma_tv, self.time_sampling = float(cfg.diffusion.sigma_tv), str(cfg.diffusion.time_sampling)
+        self._acc = torch.zeros(3, dtype=torch.float64, device=d.device)
+        self._reduced = (0.0, 0.0, 0.0)
+
+    # ---- the step -----------------------------------------------------------------------------------------------
+    def micro_batch(self, step: int, micro: int, plan: StepPlan) -> MicroBatch:
+        """Micro-batch ``micro`` of ``step``: the next batch of the plan's stream, its labels as the plan drops
+        them (on the host, before the copy) and the generator of its time and noise draws."""
+        d = self.dist
+        x, y = self.data.next(plan.is_group)
+        x = self.callbacks.on_micro_batch(self, step, micro, x.to(d.device, non_blocking=True))
+        y = self.plan.labels(step, y, rank=d.rank, micro=micro).to(d.device, non_blocking=True)
+        return MicroBatch(x, y, self.plan.generator(step, rank=d.rank, micro=micro, device=d.device), plan)
+
+    def begin_step(self) -> None:
+        """Reset the step's device-side accumulator (loss sum, non-finite count, stop flag)."""
+        self._acc.zero_()
+        if self.zero3:
+            _clear_zero3_grads(self.engine)
+
+    def forward(self, mb: MicroBatch) -> torch.Tensor:
+        """The objective of one micro-batch (GroupDiff's L_Group at the plan's group size)."""
+        loss, _ = group_loss(self._velocity, mb.x, mb.y, mb.plan.group_size, sigma_tv=self.sigma_tv,
+                             generator=mb.generator, time_sampling=self.time_sampling)
+        if mb.plan.is_group:
+            self.probe.observe(mb.x, mb.y, mb.plan.group_size)
+        return loss
+
+    def _velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, group_size: int) -> torch.Tensor:
+        return self.engine(x, t, y, group_size=group_size)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-batch; the step's last one also reads the step's only host value: the loss sum,
+        non-finite count and stop flag, summed over ranks, and arms the non-finite guard with it."""
+        self.engine.backward(loss)
+        value = loss.detach().double()
+        finite = torch.isfinite(value)
+        self._acc[0] += torch.where(finite, value, torch.zeros_like(value))
+        self._acc[1] += (~finite).double()
+        if not last:
+            return
+        if self.stop_requested is not None and self.stop_requested():
+            self._acc[2] = 1.0
+        if dist.is_initialized() and self.dist.world_size > 1:
+            dist.all_reduce(self._acc)
+        self._reduced = tuple(self._acc.tolist())
+        self.guard.arm(self._reduced[1] > 0)
+
+    def forward_backward(self, mb: MicroBatch, last: bool) -> None:
+        self.backward(self.forward(mb), last)
+
+    def end_step(self, step: int, plan: StepPlan) -> StepResult:
+        """After the last ``engine.step()`` of step ``step`` (0-based): settle the guard, update the EMA."""
+        skipped = self.guard.settle(self.engine, step + 1)
+        loss_sum, _, stop = self._reduced
+        if not skipped:
+            self.ema.update()
+        loss = None if skipped else loss_sum / (self.layout.grad_accum * self.dist.world_size)
+        return StepResult(plan, loss, skipped, stop > 0)
+
+    def train_step(self, step: int) -> StepResult:
+        """Optimizer step ``step`` (0-based): every micro-batch's forward and backward, then the update."""
+        plan = self.plan.step(step)
+        self.begin_step()
+        accum = self.layout.grad_accum
+        for micro in range(accum):
+            self.forward_backward(self.micro_batch(step, micro, plan), last=micro == accum - 1)
+            self.engine.step()  # DeepSpeed applies the update at the accumulation boundary
+        return self.end_step(step, plan)
+
+    # ---- the run ------------------------------------------------------------------------------------------------
+    def save(self, step: int) -> None:
+        """Checkpoint after ``step`` steps (collective)."""
+        meta = {"skipped_steps": self.guard.skipped_total, "model_signature": model_signature(self.cfg.model),
+                "model_config": self.model_config, "time": time.time()}
+        self.checkpointer.manager.save(step, self.engine, self.ema, self.data.loaders, meta, self.cfg,
+                                       fault_hook=lambda stage: self.callbacks.on_checkpoint_stage(self, step, stage))
+
+    def _start(self) -> int:
+        """Run directory, then the checkpoint to resume from; returns the first step to run."""
+        d = self.dist
+        if d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+        self.checkpointer.manager.clean_partial()
+        if self.resume_from is None:
+            return 0
+        self.checkpointer.manager.load(self.resume_from, self.engine, self.ema, self.data.loaders)
+        if d.is_main:
+            log.warning("resumed from %s (step %d)", self.resume_from, self.resume_step)
+        return self.resume_step
+
+    def train(self) -> dict[str, Any]:
+        """Run to ``train.steps``; returns ``{"preempted", "step", "skipped_steps", "loss", "run_dir", "ema"}``."""
+        t, d = self.cfg.train, self.dist
+        start = self._start()
+        logger = MetricsLogger(self.run_dir, d.is_main, self.steps, start, progress=bool(t.get("progress", True)))
+        steplog = StepLog(logger, Throughput(self.engine.module, d.world_size, float(t.peak_tflops)),
+                          int(t.log_every), self.steps)
+        self.callbacks.on_train_start(self, start)
+        preempted, step, last_loss = False, start, math.nan
+        try:
+            while step < self.steps:
+                result = self.train_step(step)
+                step += 1
+                steplog.add(self.layout.global_batch, result.plan.group_size, result.loss, result.plan.is_group)
+                last_loss = result.loss if result.loss is not None else last_loss
+                logger.advance()
+                self.callbacks.on_step_end(self, step)
+                probe = self.probe.maybe_measure(step, self.engine)
+                if probe is not None:
+                    logger.log(step, probe)
+                steplog.maybe_log(step, {
+                    "grad_norm": self.optimizer.last_grad_norm,  # global, before clipping
+                    "lr": float(self.optimizer.param_groups[0]["lr"]), "group_size": result.plan.group_size,
+                    "skipped_steps": self.guard.skipped_total})
+                if result.stop and step < self.steps:
+                    self.save(step)
+                    preempted = True
+                    break
+                if self.checkpointer.due(step, self.steps):
+                    self.save(step)
+            if not preempted and d.is_main:
+                log.info("training done at step %d (%s)", step, eng.engine_dtype(self.engine))
+            ema_state = self.ema.full_state() if not preempted else None
+            if ema_state is not None and d.is_main:
+                export_ema(self.model_config, ema_state, self.run_dir / "ema.pt")
+            if dist.is_initialized():
+                dist.barrier()
+        finally:
+            logger.close()
+        return {"preempted": preempted, "step": step, "skipped_steps": self.guard.skipped_total, "loss": last_loss,
+                "run_dir": str(self.run_dir), "ema": str(self.run_dir / "ema.pt")}
+
+
+def _clear_zero3_grads(engine: Any) -> None:
+    """Zero ZeRO-3's flat gradient-partition buffer before a step's first backward.
+
+    DeepSpeed 0.19 ZeRO-3 only writes the gradient partitions of parameters that received a gradient in this
+    step and then steps on the whole buffer: a parameter unused in a step (``sample_embed`` on a conditional
+    GroupDiff-l step) would be updated again with its last, stale gradient, and a resumed run (fresh, zero
+    buffer) would diverge from an uninterrupted one.
+    """
+    buffer = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
+    if isinstance(buffer, torch.Tensor):
+        buffer.zero_()

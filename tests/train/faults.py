@@ -1,0 +1,58 @@
+"""Fault injection for the trainer tests, installed as training callbacks (``train.callbacks``).
+
+``callbacks(...)`` renders them as one hydra override, so a torchrun-launched run installs them too.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterable
+
+import torch
+
+from gd.train.callbacks import Callback
+
+
+class NanInputs(Callback):
+    """Makes the latents of the given 0-based steps NaN (every micro-batch, every rank)."""
+
+    def __init__(self, steps: Iterable[int]) -> None:
+        self.steps = {int(s) for s in steps}
+
+    def on_micro_batch(self, trainer, step: int, micro: int, x: torch.Tensor) -> torch.Tensor:
+        return x * float("nan") if step in self.steps else x
+
+
+class KillInCheckpoint(Callback):
+    """SIGKILLs rank 0 inside the checkpoint write of ``step``, after the engine state is saved."""
+
+    def __init__(self, step: int) -> None:
+        self.step = int(step)
+
+    def on_checkpoint_stage(self, trainer, step: int, stage: str) -> None:
+        if step == self.step and trainer.dist.is_main:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StepDelay(Callback):
+    """Sleeps after each step, so a test can signal or kill a tiny run at a chosen step."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = float(seconds)
+
+    def on_step_end(self, trainer, step: int) -> None:
+        time.sleep(self.seconds)
+
+
+def callbacks(**faults: object) -> str:
+    """``train.callbacks=[...]`` for the named faults, e.g. ``callbacks(NanInputs={"steps": [2, 3]})``."""
+    nodes = []
+    for name, kwargs in faults.items():
+        args = "".join(f",{k}:{_value(v)}" for k, v in dict(kwargs).items())
+        nodes.append(f"{{_target_:tests.train.faults.{name}{args}}}")
+    return f"train.callbacks=[{','.join(nodes)}]"
+
+
+def _value(v: object) -> str:
+    return "[" + ",".join(map(str, v)) + "]" if isinstance(v, (list, tuple)) else str(v)
