@@ -275,14 +275,17 @@ def test_cuda_compile_fullgraph():
 
 
 def test_conf_model_files_build():
+    """Every conf/model file composes (its defaults list included) into build_model arguments."""
     from pathlib import Path
 
-    from omegaconf import OmegaConf
+    from hydra import compose, initialize_config_dir
 
-    files = sorted((Path(__file__).parents[2] / "conf" / "model").glob("*.yaml"))
+    conf = Path(__file__).parents[2] / "conf"
+    files = sorted((conf / "model").glob("*.yaml"))
     assert files
     for path in files:
-        cfg = OmegaConf.load(path)
+        with initialize_config_dir(config_dir=str(conf), version_base=None):
+            cfg = compose("config", overrides=[f"model={path.stem}"]).model
         cfg.group_layers = [0, 2]
         with torch.device("meta"):
             model = build_model(**cfg)
