@@ -33,6 +33,23 @@ def metric_settings(cfg: DictConfig) -> DictConfig:
     return OmegaConf.merge(defaults, given) if given is not None else defaults
 
 
+def resolve_modes(m: DictConfig) -> tuple[str, bool]:
+    """(resize mode, use the reference's precomputed mu/sigma) after ``auto``.
+
+    An ``.npz`` reference is an ADM reference batch (VIRTUAL_imagenet256_labeled.npz): the number SiT, REPA and the
+    released GroupDiff report is ADM's TensorFlow evaluator's, which clean-fid's ``legacy_tensorflow`` mode
+    reproduces (TF resize, the same Inception weights), with the batch's own mu/sigma. Other references (image
+    folders, clean-fid statistics) default to clean-fid's ``clean`` mode.
+    """
+    ref = str(m.get("reference") or "")
+    mode = str(m.mode)
+    if mode == "auto":
+        mode = "legacy_tensorflow" if ref.endswith(".npz") else "clean"
+    pre = m.get("use_precomputed", "auto")
+    use_precomputed = mode == "legacy_tensorflow" if str(pre) == "auto" else bool(pre)
+    return mode, use_precomputed
+
+
 def _check_reference(m: DictConfig) -> None:
     ref = m.get("reference")
     if not ref:
@@ -76,7 +93,8 @@ def evaluate(cfg: DictConfig) -> dict:
     rank = int(os.environ.get("RANK", "0"))
     device = _device(str(m.device))
     _bind_device(device)
-    extractor = build_inception(m.inception, m.mode, m.get("inception_path"), device) if rank == 0 else None
+    mode, use_precomputed = resolve_modes(m)
+    extractor = build_inception(m.inception, mode, m.get("inception_path"), device) if rank == 0 else None
     started = time.time()
     sampled = generate(cfg)
     if rank != 0:
@@ -90,7 +108,7 @@ def evaluate(cfg: DictConfig) -> dict:
     feats = sample_features(out, layout, extractor, int(m.batch_size), progress)
     gen = feature_stats(feats)
     ref = reference_features(str(m.reference), extractor, batch_size=int(m.batch_size), cache_dir=m.get("cache_dir"),
-                             use_precomputed=bool(m.use_precomputed), max_images=m.get("reference_max_images"),
+                             use_precomputed=use_precomputed, max_images=m.get("reference_max_images"),
                              progress=progress)
     result = {
         "ckpt": settings["ckpt"],
@@ -116,7 +134,7 @@ def evaluate(cfg: DictConfig) -> dict:
                                           "the Inception source has no output layer (fid-helper's file drops it)")
     if m.precision_recall and ref.feats is not None:
         rng = np.random.default_rng(0)
-        cap = int(m.pr_max_images)
+        cap = int(m.pr_max_images) if m.get("pr_max_images") is not None else max(len(ref.feats), len(feats))
         real = ref.feats if len(ref.feats) <= cap else ref.feats[rng.choice(len(ref.feats), cap, replace=False)]
         fake = feats if len(feats) <= cap else feats[rng.choice(len(feats), cap, replace=False)]
         p, r = precision_recall(real, fake, k=int(m.pr_k))

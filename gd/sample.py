@@ -118,9 +118,24 @@ def slot_noise(seed: int, slots: np.ndarray, shape: tuple[int, ...]) -> torch.Te
     return out
 
 
-def chunk_generator(seed: int, chunk: int) -> torch.Generator:
-    """CPU generator of a chunk's SDE noise: the same on every device and rank."""
-    return seeded_generator(seed, 1, chunk)
+def chunk_generator(seed: int, chunk: int, stream: int = 1) -> torch.Generator:
+    """CPU generator of a chunk's SDE noise (stream 1) or sample-embedding slots (stream 2): the same on every
+    device and rank."""
+    return seeded_generator(seed, stream, chunk)
+
+
+class SeededSlots:
+    """``net(x, t, y, group_size)`` with a "cond" sample embedding's random slots drawn from ``generator`` (on the
+    CPU, so any device and rank draws the same ones) instead of torch's global generator: a chunk's images do not
+    depend on which rank makes it, or on what ran before."""
+
+    def __init__(self, net: Callable[..., torch.Tensor], model: torch.nn.Module, generator: torch.Generator) -> None:
+        self.net, self.model, self.generator = net, model, generator
+        self.num_classes = model.num_classes
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, group_size: int) -> torch.Tensor:
+        slots = self.model.draw_slots(x.shape[0], group_size, self.generator).to(x.device)
+        return self.net(x, t, y, group_size, slots=slots)
 
 
 # --------------------------------------------------------------------------------------- atomic writers
@@ -211,10 +226,12 @@ def checkpoint_path(cfg: DictConfig) -> Path:
 
 
 def load_sampling_model(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, dict]:
-    """Our export (embedded config or model.json beside it) rebuilds itself; an official SiT/DiT file is
-    loaded into ``build_model(cfg.model.name, **cfg.model)``."""
-    from gd.models import build_model, load_pretrained
-    from gd.models.checkpoints import load_state, read_checkpoint, unpack_checkpoint
+    """Our export (embedded config or model.json beside it) rebuilds itself; an official SiT/DiT file or a released
+    GroupDiff checkpoint is loaded into ``build_model(cfg.model.name, **cfg.model)``, the latter wrapped in
+    ``FromReverseTime`` (it samples in the reverse time convention)."""
+    from gd.diffusion import FromReverseTime
+    from gd.models import build_model
+    from gd.models.checkpoints import is_reverse_time, load_state, read_checkpoint, unpack_checkpoint
 
     state, config, entry = unpack_checkpoint(read_checkpoint(path), source=str(path))
     sidecar = path.parent / "model.json"
@@ -230,9 +247,11 @@ def load_sampling_model(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, d
     else:
         kw = OmegaConf.to_container(cfg.model, resolve=True)
         model = build_model(kw.pop("name"), **{**kw, **runtime})
-        load_pretrained(model, path)
-        source = "official"
-    return model.eval().requires_grad_(False), {"source": source, "entry": entry, "config": dict(model.config)}
+        load_state(model, state, source=f"{path} [{entry}]", entry=entry)
+        source = "released GroupDiff (reverse time)" if is_reverse_time(entry) else "official"
+    info = {"source": source, "entry": entry, "config": dict(model.config)}
+    model = model.eval().requires_grad_(False)
+    return (FromReverseTime(model) if is_reverse_time(entry) else model), info
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -269,13 +288,20 @@ def group_sizes(s: DictConfig) -> tuple[int, int]:
         raise ValueError(f"sample.mode={s.mode!r}, sample.group_size={s.group_size}: {err}") from err
 
 
+def sde_options(s: DictConfig) -> dict:
+    """The SDE sampler's options of ``cfg.sample`` as gd.diffusion.sample arguments (SiT's defaults when unset)."""
+    return {"diffusion_form": str(s.get("diffusion_form", "sigma")), "sample_eps": float(s.get("sample_eps", 1e-3)),
+            "last_step": s.get("last_step", "Mean"), "last_step_size": float(s.get("last_step_size", 0.04))}
+
+
 def sampler_settings(s: DictConfig, num_classes: int) -> dict:
     """The sampler part of the settings (also reported by gd.evaluate)."""
+    sde = sde_options(s) if s.method == "sde" else {}
     return {"mode": s.mode, "group_size": int(s.group_size), "method": s.method, "steps": int(s.steps),
             "cfg_scale": float(s.cfg_scale), "cfg_interval": [float(v) for v in s.cfg_interval],
             "cfg_channels": s.cfg_channels, "num_images": int(s.num_images), "num_classes": num_classes,
             "batch_groups": int(s.batch_groups), "seed": int(s.seed), "precision": s.precision,
-            "decoder": s.decoder, "atol": float(s.atol), "rtol": float(s.rtol)}
+            "decoder": s.decoder, "atol": float(s.atol), "rtol": float(s.rtol), **sde}
 
 
 def settings_hash(settings: dict) -> str:
@@ -393,12 +419,16 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
         slots = layout.chunk_slots(chunk)
         labels = torch.as_tensor(layout.slot_labels(slots), device=device)
         noise = slot_noise(int(s.seed), slots, shape).to(device)
+        velocity = net
+        if getattr(model, "embed_mode", "none") == "cond":
+            velocity = SeededSlots(net, model, chunk_generator(int(s.seed), chunk, stream=2))
         with autocast:
             latents = diffusion_sample(
-                net, noise, labels, method=s.method, steps=int(s.steps), cfg_scale=float(s.cfg_scale),
+                velocity, noise, labels, method=s.method, steps=int(s.steps), cfg_scale=float(s.cfg_scale),
                 cfg_interval=tuple(float(v) for v in s.cfg_interval), cfg_channels=s.cfg_channels,
                 group_size=cond_n, uncond_group_size=uncond_n, generator=chunk_generator(int(s.seed), chunk),
-                atol=float(s.atol), rtol=float(s.rtol), null_class=num_classes)
+                atol=float(s.atol), rtol=float(s.rtol), null_class=num_classes,
+                **(sde_options(s) if s.method == "sde" else {}))
         kept = layout.slot_kept(slots)
         images = decoder.decode(latents.float()[torch.as_tensor(kept, device=device)]).cpu().numpy()
         kept_slots = slots[kept]

@@ -157,8 +157,7 @@ def engine_step(cfg: Any, n: int, compile_: bool, variant: dict, device: torch.d
 
     run = trainer_config(cfg, n, compile_, variant)
     trainer = Trainer(run, data=SyntheticData(run.model, int(cfg.bench.batch)), resume=False, fused=fused)
-    plan = trainer.plan.step(0)
-    mb = trainer.micro_batch(0, 0, plan)
+    mb = trainer.micro_batch(0, 0)
 
     def forward() -> torch.Tensor:
         trainer.begin_step()
@@ -169,7 +168,7 @@ def engine_step(cfg: Any, n: int, compile_: bool, variant: dict, device: torch.d
 
     def update() -> None:
         trainer.engine.step()
-        trainer.end_step(0, plan)
+        trainer.end_step(0)
 
     return Step(forward, backward, update, sum(p.numel() for p in trainer.model.parameters()), trainer)
 

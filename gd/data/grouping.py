@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from gd.rng import hash_uniform  # noqa: F401  (re-exported: the loader's draws)
+
 FALLBACKS = ("topk", "class")
 
 
@@ -103,20 +105,6 @@ def group_stats(count: np.ndarray, sims: np.ndarray, k: int, n_max: int, tau: fl
 
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def hash_uniform(seed: int, epoch: int, index: int, n: int) -> np.ndarray:
-    """n uniforms in [0, 1) from splitmix64 of (seed, epoch, index, j): a counter-based generator, ~50x cheaper per
-    sample than seeding a numpy Generator, so drawing groups never limits loader throughput."""
-    with np.errstate(over="ignore"):
-        base = (np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
-                ^ np.uint64(epoch & 0xFFFFFFFF) * np.uint64(0xC2B2AE3D27D4EB4F)
-                ^ np.uint64(index & 0xFFFFFFFFFFFF) * np.uint64(0x165667B19E3779F9))
-        z = base + (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def draw_group(count: int, k_valid: int, group_size: int, u: np.ndarray) -> tuple[np.ndarray, bool]:

@@ -19,7 +19,7 @@ from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base.world import World
 
 from gd.data import shards, storage
-from gd.data.grouping import hash_uniform
+from gd.rng import hash_uniform
 from gd.diffusion.plan import check_groups
 
 

@@ -20,7 +20,8 @@ import numpy as np
 from streaming import MDSWriter
 
 from gd.data import storage
-from gd.data.grouping import draw_group, hash_uniform
+from gd.data.grouping import draw_group
+from gd.rng import hash_uniform
 
 META_VERSION = 1
 

@@ -18,8 +18,9 @@ def _first(out: Tensor | tuple) -> Tensor:
 class FromReverseTime(nn.Module):
     """Wrap a velocity model of the reverse convention so it samples here: u(x, t) = -v'(x, 1 - t).
 
-    ``inner(x, s, y, group_size)`` (or ``inner(x, s, y)`` with pass_group_size=False) is the reverse-time model.
-    Attributes such as num_classes are looked up on the inner model.
+    ``inner(x, s, y, group_size, **kwargs)`` (or ``inner(x, s, y)`` with pass_group_size=False) is the reverse-time
+    model; keyword arguments (e.g. SiT's ``slots``) pass through. Attributes such as num_classes are looked up on
+    the inner model.
     """
 
     def __init__(self, inner: Callable[..., Tensor], *, pass_group_size: bool = True) -> None:
@@ -27,9 +28,9 @@ class FromReverseTime(nn.Module):
         self.inner = inner
         self.pass_group_size = pass_group_size
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, group_size: int = 1) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, group_size: int = 1, **kwargs) -> Tensor:
         s = 1.0 - t
-        out = self.inner(x, s, y, group_size) if self.pass_group_size else self.inner(x, s, y)
+        out = self.inner(x, s, y, group_size, **kwargs) if self.pass_group_size else self.inner(x, s, y)
         return -_first(out)
 
     def __getattr__(self, name: str):

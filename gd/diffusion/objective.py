@@ -74,23 +74,36 @@ class TimeSampler:
         return t.to(device if device is not None else gdev)
 
 
+SIGMA_TV_DRAWS = ("window", "anchor")
+REDUCTIONS = ("mean", "group_sum")
+
+
 def group_timesteps(num_groups: int, group_size: int, *, sigma_tv: float = 0.0,
                     generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                    time_sampling: str | TimeSampler = "uniform") -> Tensor:
-    """Times for a group-major batch, shape (num_groups * group_size,).
+                    time_sampling: str | TimeSampler = "uniform", sigma_tv_draw: str = "window") -> Tensor:
+    """Times for a group-major batch, shape (num_groups * group_size,): one base time b per group from the time
+    sampler, spread by sigma_tv (model time units) within the group.
 
-    The first member of each group draws t from the time sampler; the others draw uniformly within
-    +-sigma_tv of it, clipped to [0, 1]. sigma_tv = 0 gives one t per group.
+    sigma_tv_draw "window" (the released code): every member, the first too, draws uniformly from the window
+    [max(0, b - sigma_tv), min(1, b + sigma_tv)]. "anchor" (this repo before the released recipe): the first
+    member keeps b, the others draw b + U(-sigma_tv, sigma_tv) clamped to [0, 1]. sigma_tv = 0 gives one t per
+    group either way.
     """
     if num_groups < 1 or group_size < 1:
         raise ValueError(f"need num_groups >= 1 and group_size >= 1, got {num_groups} and {group_size}")
     if not 0.0 <= sigma_tv <= 1.0:
         raise ValueError(f"sigma_tv must be in [0, 1] (model time units), got {sigma_tv}")
+    if sigma_tv_draw not in SIGMA_TV_DRAWS:
+        raise ValueError(f"sigma_tv_draw={sigma_tv_draw!r}: expected one of {SIGMA_TV_DRAWS}")
     sampler = TimeSampler.from_spec(time_sampling)
     gdev = generator.device if generator is not None else torch.device("cpu")
     base = sampler.sample(num_groups, generator, gdev)
     if group_size == 1 or sigma_tv == 0.0:
         t = base.repeat_interleave(group_size)
+    elif sigma_tv_draw == "window":
+        lo = (base - sigma_tv).clamp(min=0.0)[:, None]
+        hi = (base + sigma_tv).clamp(max=1.0)[:, None]
+        t = (lo + (hi - lo) * torch.rand(num_groups, group_size, generator=generator, device=gdev)).reshape(-1)
     else:
         offset = (2.0 * torch.rand(num_groups, group_size, generator=generator, device=gdev) - 1.0) * sigma_tv
         offset[:, 0] = 0.0
@@ -100,13 +113,19 @@ def group_timesteps(num_groups: int, group_size: int, *, sigma_tv: float = 0.0,
 
 def group_loss(model: VelocityModel, x1: Tensor, y: Tensor, group_size: int, *, t: Tensor | None = None,
                noise: Tensor | None = None, sigma_tv: float = 0.0, generator: torch.Generator | None = None,
-               time_sampling: str | TimeSampler = "uniform", path: Path | None = None) -> tuple[Tensor, Tensor]:
-    """GroupDiff's L_Group for a group-major batch x1 of shape (G*N, C, H, W).
+               time_sampling: str | TimeSampler = "uniform", path: Path | None = None,
+               reduction: str = "mean", sigma_tv_draw: str = "window") -> tuple[Tensor, Tensor]:
+    """GroupDiff's objective for a group-major batch x1 of shape (G*N, C, H, W).
 
-    Returns (loss, per_image_mse): per-image MSE (mean over C, H, W, in fp32) summed over the N members of
-    each group, then averaged over the G groups. With N = 1 this is SiT's mean velocity MSE.
-    ``model(x_t, t, y, group_size)`` must return a velocity of x1's shape.
+    Returns (loss, per_image_mse), per_image_mse the velocity MSE of each image (mean over C, H, W, in fp32).
+    reduction "mean" (the released code): the mean over all images, so every image of a step weighs the same
+    whatever its group size. "group_sum" (the paper's L_Group): summed over the N members of each group, then
+    averaged over the G groups, so a group image weighs N times a conditional one. With N = 1 both are SiT's mean
+    velocity MSE. ``model(x_t, t, y, group_size)`` must return a velocity of x1's shape; the time draws (t, then
+    noise) come from ``generator`` in that order, see :func:`group_timesteps`.
     """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}: expected one of {REDUCTIONS}")
     if x1.ndim < 2:
         raise ValueError(f"x1 must be (G*N, ...), got shape {tuple(x1.shape)}")
     batch = x1.shape[0]
@@ -115,7 +134,7 @@ def group_loss(model: VelocityModel, x1: Tensor, y: Tensor, group_size: int, *, 
         raise ValueError(f"labels have {y.shape[0]} entries for a batch of {batch}")
     if t is None:
         t = group_timesteps(groups, group_size, sigma_tv=sigma_tv, generator=generator, device=x1.device,
-                            time_sampling=time_sampling)
+                            time_sampling=time_sampling, sigma_tv_draw=sigma_tv_draw)
     elif t.shape != (batch,):
         raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
     if noise is None:
@@ -130,6 +149,7 @@ def group_loss(model: VelocityModel, x1: Tensor, y: Tensor, group_size: int, *, 
     if pred.shape != x1.shape:
         raise ValueError(f"model returned shape {tuple(pred.shape)}, expected the input's {tuple(x1.shape)}")
     per_image = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, x1.ndim)))
-    loss = per_image.view(groups, group_size).sum(dim=1).mean()
-    return loss, per_image
+    if reduction == "mean":
+        return per_image.mean(), per_image
+    return per_image.view(groups, group_size).sum(dim=1).mean(), per_image
 

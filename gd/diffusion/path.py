@@ -16,6 +16,10 @@ def expand_like(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape(t.shape[0], *([1] * (x.ndim - 1))).to(x.dtype)
 
 
+# The released sampler clamps its reverse time to [1e-4, 0.999] for w; in this repo's time that is [1e-3, 1 - 1e-4].
+SBDM_T_MIN, SBDM_T_MAX = 1e-3, 1.0 - 1e-4
+
+
 class Path:
     """An interpolant x_t = alpha(t) x1 + sigma(t) x0; subclasses give the coefficients and derivatives."""
 
@@ -53,6 +57,9 @@ class Path:
         """The SDE diffusion coefficient w(t) of SiT's sampler (its ``compute_diffusion``).
 
         The reverse-time SDE is dx = [v + w(t) score] dt + sqrt(2 w(t)) dW; any w >= 0 has the same marginals.
+        "SBDM" (score-based diffusion: w = alpha'/alpha sigma^2 - sigma sigma', (1 - t) / t on the linear path) is
+        evaluated at t clamped to [SBDM_T_MIN, SBDM_T_MAX], as the released GroupDiff (REPA) sampler does, so it
+        stays finite at the noise end (w = 999 at t = 0) and the grid may start there.
         """
         tt = expand_like(t, x)
         if form == "sigma":
@@ -62,8 +69,9 @@ class Path:
         if form == "linear":
             return norm * (1 - tt)
         if form == "SBDM":
-            a, da = self.alpha(tt)
-            s, ds = self.sigma(tt)
+            tc = tt.clamp(SBDM_T_MIN, SBDM_T_MAX)
+            a, da = self.alpha(tc)
+            s, ds = self.sigma(tc)
             return norm * ((da / a) * s * s - s * ds)
         raise ValueError(f"diffusion form {form!r} is not one of 'sigma', 'constant', 'linear', 'SBDM'")
 

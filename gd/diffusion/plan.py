@@ -1,21 +1,34 @@
-"""The batch plan: the one owner of "which group size, which labels" for training steps and sampling branches.
+"""The batch plan: the one owner of "which group size, which labels" for training batches and sampling branches.
 
-GroupDiff-l and GroupDiff-f are expressed here, not as model surgery:
-- mode "l": with probability p_group a step is a group step (group loader, group size N, every label null);
-  otherwise a plain conditional SiT step (group size 1, per-image class dropout).
-- mode "f": every step is a group step (group size N); with probability p_group its labels are all null,
-  otherwise they are kept with class dropout drawn per group (a group is conditional or unconditional as a whole).
+GroupDiff-l and GroupDiff-f are expressed here, not as model surgery. A micro-batch (one rank's share of one
+gradient-accumulation step) is either a *group* micro-batch (the group stream, groups of N related images) or a
+*conditional* one (the plain stream, group size 1):
+- mode "l": with probability p_group a micro-batch is a group micro-batch and every label in it is null (the
+  unconditional CFG branch, learnt on groups only); otherwise it is a plain conditional SiT batch whose labels
+  are dropped with probability ``class_dropout`` per image (0 in the released recipe: the null label is then
+  seen on group images only, ~p_group of all images).
+- mode "f": every micro-batch is a group micro-batch; with probability p_group all its labels are null,
+  otherwise they are kept, with ``class_dropout`` drawn per group (a group is conditional or not as a whole).
 - mode "none": plain SiT (group size 1, per-image class dropout).
+``mix`` says who shares a draw: "micro" (as the released code: each rank holds its own kinds, so one optimizer step
+mixes group and conditional micro-batches across ranks and accumulation steps; a single process without
+accumulation cannot mix, and its steps are wholly one kind) or "step" (one draw per optimizer step for every rank
+and micro-batch: whole group steps and whole conditional steps). Under "micro" each rank takes exactly p_group of
+its micro-batches as group ones in every block of consecutive micro-batches (10 for p_group 0.1), at random
+positions of its own: the released code's per-epoch plan, made exact per block, so that every rank reads the same
+number of batches from each stream per block (:meth:`BatchPlan.block_fetches`), which streaming's lockstep epochs
+need.
 At sampling the plan gives each CFG branch its group size (GroupDiff-l: conditional 1, unconditional N).
 
-Every step decision and every dropout mask is a pure function of (seed, step[, rank, micro]), so a resumed run
-replays the same plan without any saved state. Each step holds the same number of images; only how they are
+Every decision and every dropout mask is a pure function of (seed, step, rank, micro), so a resumed run replays
+the same plan without any saved state. Every micro-batch holds the same number of images; only how they are
 split into groups changes, and :func:`batch_layout` is the one check that a batch splits as the plan needs.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -25,7 +38,9 @@ from torch import Tensor
 from gd.rng import mix_seed, seeded_generator
 
 MODES = ("l", "f", "none")
-_TAG_STEP, _TAG_LABELS, _TAG_NOISE = 0, 1, 2
+MIXES = ("micro", "step")
+_MAX_BLOCK = 1000  # p_group is realised exactly per block of this many micro-batches at most
+_TAG_STEP, _TAG_LABELS, _TAG_NOISE, _TAG_MICRO = 0, 1, 2, 3
 
 
 def check_groups(images: int, group_size: int, what: str = "batch") -> int:
@@ -90,11 +105,11 @@ def batch_layout(train_cfg: Mapping[str, Any], world_size: int, group_size: int 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What one training step does.
+    """What one micro-batch of training step ``step`` does (with mix="step": every micro-batch of the step).
 
-    is_group: the step reads grouped batches (related images, group-major) and runs group attention.
-    group_size: the model's group size for this step (1 on a conditional GroupDiff-l step).
-    null_labels: every label of the step is the null class.
+    is_group: it reads grouped batches (related images, group-major) and runs group attention.
+    group_size: the model's group size for it (1 on a conditional GroupDiff-l micro-batch).
+    null_labels: every label in it is the null class.
     """
 
     step: int
@@ -108,10 +123,13 @@ class StepPlan:
 
 
 class BatchPlan:
-    """Deterministic per-step plan for GroupDiff-l ("l"), GroupDiff-f ("f") or plain SiT ("none")."""
+    """Deterministic plan for GroupDiff-l ("l"), GroupDiff-f ("f") or plain SiT ("none"); see the module docstring.
+
+    ``class_dropout_prob``: probability that a conditional image's (mode "f": group's) label is dropped.
+    """
 
     def __init__(self, mode: str, group_size: int, p_group: float = 0.0, class_dropout_prob: float = 0.0,
-                 num_classes: int = 1, seed: int = 0) -> None:
+                 num_classes: int = 1, seed: int = 0, mix: str = "step", accum: int = 1) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         if int(group_size) < 1:
@@ -124,26 +142,43 @@ class BatchPlan:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        if mix not in MIXES:
+            raise ValueError(f"mix {mix!r} is not one of {MIXES}")
+        if int(accum) < 1:
+            raise ValueError(f"accum must be >= 1, got {accum}")
         self.mode = mode
         self.group_size = int(group_size) if mode != "none" else 1
         self.p_group = float(p_group) if mode != "none" else 0.0
         self.class_dropout_prob = float(class_dropout_prob)
         self.num_classes = int(num_classes)
         self.seed = int(seed)
+        self.mix = mix
+        self.accum = int(accum)
+        share = Fraction(self.p_group).limit_denominator(_MAX_BLOCK)
+        # mix="micro": every rank takes exactly `per_block` group micro-batches in each block of `block` consecutive
+        # micro-batches (its own accumulation steps, step after step), at positions drawn per (block, rank).
+        self.block = share.denominator if mix == "micro" else self.accum
+        self.per_block = share.numerator
+        self._cache: dict[tuple[int, int], np.ndarray] = {}
 
     @classmethod
     def from_config(cls, diffusion: Mapping[str, Any], model: Mapping[str, Any] | None = None,
-                    seed: int = 0) -> BatchPlan:
-        """The plan of a run from ``cfg.diffusion`` (mode, group_size, p_group) and ``cfg.model`` (num_classes,
-        class_dropout_prob; optional for sampling-only use)."""
+                    seed: int = 0, accum: int = 1) -> BatchPlan:
+        """The plan of a run from ``cfg.diffusion`` (mode, group_size, p_group, class_dropout, mix) and
+        ``cfg.model`` (num_classes; optional for sampling-only use), for ``accum`` micro-batches per step and rank.
+        Without ``diffusion.class_dropout`` the model's ``class_dropout_prob`` is the conditional dropout (configs
+        written before the released recipe)."""
         model = model or {}
+        dropout = diffusion.get("class_dropout")
+        dropout = model.get("class_dropout_prob", 0.0) if dropout is None else dropout
         return cls(str(diffusion.get("mode", "none")), int(diffusion.get("group_size", 1)),
-                   float(diffusion.get("p_group", 0.0)), float(model.get("class_dropout_prob", 0.0)),
-                   int(model.get("num_classes", 1)), int(seed))
+                   float(diffusion.get("p_group", 0.0)), float(dropout), int(model.get("num_classes", 1)),
+                   int(seed), str(diffusion.get("mix", "step")), int(accum))
 
     def __repr__(self) -> str:
         return (f"BatchPlan(mode={self.mode!r}, group_size={self.group_size}, p_group={self.p_group}, "
-                f"class_dropout_prob={self.class_dropout_prob}, num_classes={self.num_classes}, seed={self.seed})")
+                f"class_dropout_prob={self.class_dropout_prob}, num_classes={self.num_classes}, seed={self.seed}, "
+                f"mix={self.mix!r}, accum={self.accum})")
 
     # ---- group sizes ----------------------------------------------------------------------------------------
     @property
@@ -166,24 +201,73 @@ class BatchPlan:
         """:func:`batch_layout` at this plan's training group size."""
         return batch_layout(train_cfg, world_size, self.train_group_size, max_group_size)
 
-    # ---- per-step decisions ---------------------------------------------------------------------------------
-    def step(self, step: int) -> StepPlan:
-        """The plan of training step `step` (>= 0)."""
-        if int(step) < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        step = int(step)
-        drawn = bool(np.random.default_rng(mix_seed(self.seed, _TAG_STEP, step)).random() < self.p_group)
+    # ---- per-micro-batch decisions ---------------------------------------------------------------------------
+    def block_kinds(self, block: int, rank: int) -> np.ndarray:
+        """(self.block,) bool: which of the block's consecutive micro-batches (flat index step * accum + micro,
+        from block * self.block on) are p_group events for ``rank``. mix="micro": exactly ``per_block`` of them,
+        at positions drawn from (seed, block, rank); mix="step": one draw per step, shared by every rank."""
+        key = (int(block), int(rank) if self.mix == "micro" else 0)
+        kinds = self._cache.get(key)
+        if kinds is None:
+            if self.mix == "step":
+                u = np.random.default_rng(mix_seed(self.seed, _TAG_STEP, int(block))).random()
+                kinds = np.full(self.block, u < self.p_group)
+            else:
+                order = np.random.default_rng(mix_seed(self.seed, _TAG_MICRO, *key)).permutation(self.block)
+                kinds = order < self.per_block
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[key] = kinds
+        return kinds
+
+    def _drawn(self, step: int, rank: int, micro: int) -> bool:
+        flat = int(step) * self.accum + int(micro)
+        return bool(self.block_kinds(flat // self.block, rank)[flat % self.block])
+
+    def _plan(self, step: int, drawn: bool) -> StepPlan:
         if self.mode == "none":
             return StepPlan(step, False, 1, False)
         if self.mode == "l":
             return StepPlan(step, drawn, self.group_size if drawn else 1, drawn)
         return StepPlan(step, True, self.group_size, drawn)
 
-    def labels(self, step: int, y: Tensor, rank: int = 0, micro: int = 0) -> Tensor:
-        """The labels the model sees on `step` for the group-major labels `y` ((B,) or (G, N)).
+    def micro(self, step: int, rank: int = 0, micro: int = 0) -> StepPlan:
+        """The plan of micro-batch ``micro`` (< accum) of rank ``rank`` in training step ``step`` (all >= 0)."""
+        for name, value in (("step", step), ("rank", rank), ("micro", micro)):
+            if int(value) < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if int(micro) >= self.accum:
+            raise ValueError(f"micro={micro}: this plan has accum={self.accum} micro-batches per step")
+        return self._plan(int(step), self._drawn(int(step), int(rank), int(micro)))
 
-        Null (= num_classes) everywhere on a null-label step; otherwise class dropout with a generator seeded
-        from (seed, step, rank, micro) — per image, or per group in mode "f". `micro` is the gradient
+    def block_fetches(self, step: int, micro: int) -> tuple[int, int] | None:
+        """When micro-batch (step, micro) starts a block: (group, plain) micro-batches every rank needs for the
+        whole block, equal on all ranks (mix="micro": per_block group ones), else None. Reading each block's
+        batches up front keeps every rank's streams in lockstep, as streaming's per-epoch barrier needs, while the
+        ranks use them in different orders."""
+        flat = int(step) * self.accum + int(micro)
+        if flat % self.block:
+            return None
+        groups = int(self.block_kinds(flat // self.block, 0).sum()) if self.mode == "l" else (
+            self.block if self.mode == "f" else 0)
+        return groups, self.block - groups
+
+    def step(self, step: int) -> StepPlan:
+        """The plan of rank 0's first micro-batch of ``step``: with mix="step", that of every micro-batch."""
+        return self.micro(step, 0, 0)
+
+    def group_micro_batches(self, step: int, world_size: int) -> np.ndarray:
+        """(world_size, accum) bool: which micro-batches of ``step`` are group micro-batches (every rank can count
+        the whole step's images per group size without communication)."""
+        return np.array([[self.micro(step, r, m).is_group for m in range(self.accum)] for r in range(world_size)],
+                        dtype=bool).reshape(world_size, self.accum)
+
+    def labels(self, step: int, y: Tensor, rank: int = 0, micro: int = 0) -> Tensor:
+        """The labels the model sees in micro-batch (step, rank, micro) for its group-major labels `y`
+        ((B,) or (G, N)).
+
+        Null (= num_classes) everywhere in a null-label micro-batch; otherwise class dropout with a generator
+        seeded from (seed, step, rank, micro) — per image, or per group in mode "f". `micro` is the gradient
         accumulation index, so micro-batches of one step get independent masks.
         """
         if y.dtype not in (torch.int64, torch.int32):
@@ -191,7 +275,7 @@ class BatchPlan:
         if y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
             raise ValueError(f"labels must be in [0, {self.num_classes}] (num_classes = null), "
                              f"got range [{int(y.min())}, {int(y.max())}]")
-        plan = self.step(step)
+        plan = self.micro(step, rank, micro)
         flat = y.reshape(-1)
         groups = plan.num_groups(flat.shape[0])
         if plan.null_labels:
@@ -211,6 +295,8 @@ class BatchPlan:
         """A generator for the step's time and noise draws, seeded from (seed, step, rank, micro)."""
         return seeded_generator(self.seed, _TAG_NOISE, int(step), int(rank), int(micro), device=device)
 
-    def group_fraction(self, steps: int, start: int = 0) -> float:
-        """Fraction of null-label steps among `steps` steps from `start` (the empirical p_group)."""
-        return sum(self.step(s).null_labels for s in range(start, start + steps)) / max(steps, 1)
+    def group_fraction(self, steps: int, start: int = 0, world_size: int = 1) -> float:
+        """Fraction of null-label micro-batches among those of `steps` steps from `start` (the empirical p_group)."""
+        nulls = sum(self.micro(s, r, m).null_labels for s in range(start, start + steps)
+                    for r in range(world_size) for m in range(self.accum))
+        return nulls / max(steps * world_size * self.accum, 1)

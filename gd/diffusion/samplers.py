@@ -101,8 +101,9 @@ def euler_maruyama(drift: Drift, diffusion: Callable[[Tensor, Tensor], Tensor], 
 def sde_grid(steps: int, *, like: Tensor, form: str = "sigma", last_step: str | None = "Mean",
              last_step_size: float = 0.04, sample_eps: float = 1e-3) -> Tensor:
     """SiT's SDE time grid for a velocity model on the linear path: linspace(t0, t1, steps) with
-    t0 = sample_eps for the "SBDM" form (its diffusion blows up at t = 0) else 0, and t1 = 1 - last_step_size
-    when there is a last step, else 1 - sample_eps (``Transport.check_interval``)."""
+    t0 = sample_eps for the "SBDM" form (official SiT: 1e-3, where its unclamped diffusion is finite; the released
+    GroupDiff sampler: 0, its diffusion clamped) else 0, and t1 = 1 - last_step_size when there is a last step,
+    else 1 - sample_eps (``Transport.check_interval``)."""
     if steps < 2:
         raise ValueError(f"the SDE sampler needs steps >= 2, got {steps}")
     if last_step is not None and not 0.0 < last_step_size < 1.0:

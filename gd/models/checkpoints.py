@@ -6,6 +6,12 @@ Accepted files (all read with ``torch.load(weights_only=True)``; a checkpoint is
   a flat state dict (the EMA weights);
 * official ``train.py`` checkpoints ``{"model", "ema", "opt", "args"}``: the ``"ema"`` weights are used when
   present, else ``"model"``; ``args`` is an ``argparse.Namespace``, the only non-tensor class allow-listed;
+* the released GroupDiff code's checkpoints (Dalby1379/GroupDiff ``checkpoint-*.pth``)
+  ``{"model", "model_ema", "optimizer", ...}``: the ``"model_ema"`` weights, keys prefixed ``denoiser.``, the sample
+  embedding as ``sample_embedder.embedding_table.weight`` (renamed to ``sample_embed``). Those SiTs run in the
+  reverse time convention (t = 1 noise, velocity eps - x): :func:`is_reverse_time` says so for the entry, and
+  gd.sample wraps them in ``gd.diffusion.FromReverseTime``. Build the model with ``learn_sigma=False,
+  sample_embed="cond", max_group_size=<rows of the table>`` (4 for GroupDiff-4);
 * our export (written by :func:`save_model`, used for the trainer's ``ema.pt``)::
 
       {"format": "gd.sit/1", "config": {"name": "SiT-XL/2", <every build_model argument>}, "model": state_dict}
@@ -15,8 +21,10 @@ Accepted files (all read with ``torch.load(weights_only=True)``; a checkpoint is
 
 Keys prefixed by ``module.`` (DDP/DeepSpeed) or ``_orig_mod.`` (torch.compile) are unwrapped. Every key and
 shape must match the model, except ``sample_embed``: official files lack it and it then keeps the model's
-value (zero after build_model, i.e. the official model exactly). Anything else missing, unexpected or of
-another shape fails with one error listing all of it; nothing is loaded in that case.
+value, which leaves the official model exactly as it was only for ``sample_embed="tokens"`` (zero-initialised)
+or ``"none"``; a "cond" model refuses such a file (its random embedding would shift every conditioning vector).
+Anything else missing, unexpected or of another shape fails with one error listing all of it; nothing is loaded
+in that case.
 """
 from __future__ import annotations
 
@@ -36,7 +44,19 @@ from gd.models.sit import SiT, build_model
 FORMAT = "gd.sit/1"
 OPTIONAL_KEYS = ("sample_embed",)
 _SAFE_GLOBALS = [argparse.Namespace]
-_PREFIXES = ("module.", "_orig_mod.")
+_PREFIXES = ("module.", "_orig_mod.", "denoiser.")
+RELEASED_ENTRY = "model_ema"
+_RENAMES = {"sample_embedder.embedding_table.weight": "sample_embed"}
+
+
+_LAYOUTS = ("expected a gd export {format, config, model}, an official SiT/DiT state dict or train.py dict "
+            "{ema | model, opt, args}, or a released GroupDiff checkpoint {model_ema, model, optimizer, ...}")
+
+
+def is_reverse_time(entry: str) -> bool:
+    """Whether weights read from ``entry`` (as :func:`unpack_checkpoint` names it) expect the reverse time
+    convention: the released GroupDiff code's checkpoints do."""
+    return entry == RELEASED_ENTRY
 
 
 class CheckpointError(RuntimeError):
@@ -68,6 +88,8 @@ def unpack_checkpoint(obj: Any, source: str = "checkpoint") -> tuple[dict[str, T
     config = None
     if obj.get("format") == FORMAT:
         state, config, entry = obj.get("model"), obj.get("config"), "model"
+    elif isinstance(obj.get(RELEASED_ENTRY), dict):
+        state, entry = obj[RELEASED_ENTRY], RELEASED_ENTRY
     elif isinstance(obj.get("ema"), dict):
         state, entry = obj["ema"], "ema"
     elif isinstance(obj.get("model"), dict):
@@ -77,15 +99,18 @@ def unpack_checkpoint(obj: Any, source: str = "checkpoint") -> tuple[dict[str, T
     else:
         state, entry = obj, "<flat>"
     if not isinstance(state, dict) or not state:
-        raise CheckpointError(f"{source}: no state dict found (top-level keys: {sorted(map(str, obj))[:10]})")
+        raise CheckpointError(f"{source}: no state dict found (top-level keys: {sorted(map(str, obj))[:10]}); "
+                              f"{_LAYOUTS}")
     bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if bad:
         raise CheckpointError(
-            f"{source}: entry {entry!r} is not a state dict; non-tensor values under {sorted(map(str, bad))[:10]}"
+            f"{source}: entry {entry!r} is not a state dict; non-tensor values under {sorted(map(str, bad))[:10]}; "
+            f"{_LAYOUTS}"
         )
     for prefix in _PREFIXES:
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
+    state = {_RENAMES.get(k, k): v for k, v in state.items()}
     return state, config, entry
 
 
@@ -106,13 +131,22 @@ def _mismatch_report(model: SiT, state: dict[str, Tensor]) -> list[str]:
     return lines
 
 
-def load_state(model: SiT, state: dict[str, Tensor], source: str = "state dict") -> list[str]:
-    """Copy ``state`` into ``model`` after checking every key and shape; returns the optional keys it lacked."""
+def load_state(model: SiT, state: dict[str, Tensor], source: str = "state dict", entry: str = "") -> list[str]:
+    """Copy ``state`` into ``model`` after checking every key and shape; returns the optional keys it lacked.
+    ``entry`` (from :func:`unpack_checkpoint`) adds what a released GroupDiff file needs to the error."""
     problems = _mismatch_report(model, state)
+    mode = getattr(model, "embed_mode", "none")
+    if not problems and mode == "cond" and "sample_embed" not in state:
+        problems = ["  missing keys (1):\n    sample_embed (a sample_embed='cond' model adds it to every conditioning "
+                    "vector; an official SiT/DiT file has none: build the model with sample_embed='none')"]
     if problems:
         hint = ""
         if "sample_embed" in state and model.sample_embed is None:
-            hint = "\n  hint: the checkpoint has a sample embedding; build the model with sample_embed=True"
+            hint = "\n  hint: the checkpoint has a sample embedding; build the model with sample_embed='cond' or 'tokens'"
+        if is_reverse_time(entry) and "sample_embed" in state:
+            rows = state["sample_embed"].shape[0]
+            hint += (f"\n  hint: a released GroupDiff SiT file needs model.learn_sigma=false model.sample_embed=cond "
+                     f"model.max_group_size={rows}")
         raise CheckpointError(
             f"{source} does not fit {model.config.get('name', type(model).__name__)} "
             f"(nothing was loaded):\n" + "\n".join(problems) + hint
@@ -127,7 +161,7 @@ def load_pretrained(model: SiT, path: str | os.PathLike) -> dict[str, Any]:
     Returns ``{"entry": "ema"|"model"|"<flat>"|..., "absent_optional": [...], "config": embedded config or None}``.
     """
     state, config, entry = unpack_checkpoint(read_checkpoint(path), source=str(path))
-    absent = load_state(model, state, source=f"{path} [{entry}]")
+    absent = load_state(model, state, source=f"{path} [{entry}]", entry=entry)
     return {"entry": entry, "absent_optional": absent, "config": config}
 
 

@@ -57,8 +57,8 @@ def _layer_score(attn: torch.nn.Module, x: Tensor, group_size: int, group_mask: 
 
 @torch.no_grad()
 def cross_attention_score(model: SiT, x: Tensor, t: Tensor, y: Tensor, group_size: int,
-                          layers: Iterable[int] | None = None) -> dict[int, float]:
-    """S_cross per block index for one forward pass of ``model(x, t, y, group_size)`` (see module docstring).
+                          layers: Iterable[int] | None = None, slots: Tensor | None = None) -> dict[int, float]:
+    """S_cross per block index for one forward pass of ``model(x, t, y, group_size, slots)`` (see module docstring).
 
     ``layers`` defaults to every block in ``model.group_layers``. Runs in eval mode (restored afterwards).
     """
@@ -82,7 +82,7 @@ def cross_attention_score(model: SiT, x: Tensor, t: Tensor, y: Tensor, group_siz
     was_training = model.training
     model.eval()
     try:
-        model(x, t, y, group_size=group_size)
+        model(x, t, y, group_size=group_size, slots=slots)
     finally:
         model.train(was_training)
         for handle in handles:

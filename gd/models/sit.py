@@ -1,12 +1,20 @@
 """SiT: the flow-matching DiT (adaLN-Zero) of Ma et al. 2024, with GroupDiff group attention.
 
 Parameter names and shapes are those of the official willisma/SiT (and facebookresearch/DiT) code, so their
-checkpoints load 1:1. Two additions, both inert for an official checkpoint:
+checkpoints load 1:1. Two additions:
 
 * group attention (see attention.py), on when ``forward(..., group_size=N)`` has N > 1, limited by
   ``group_layers`` ([first, last) block indices) and ``group_t_window`` ([t_lo, t_hi] in model time);
-* ``sample_embed`` (max_group_size, hidden): a learnable embedding of a token's slot inside its group, added to
-  the patch tokens of grouped images only. It is zero-initialised, so a loaded official model is unchanged.
+* ``sample_embed`` (max_group_size, hidden): a learnable embedding of each image's slot in its group, in one of
+  two places (``sample_embed=``):
+  - "cond" (the released GroupDiff code): added to the conditioning vector, c = t_emb + y_emb + s_emb[slot], so it
+    acts through every block's adaLN modulation; initialised N(0, 0.02); every forward gives each group a random
+    permutation of the max_group_size slots (its first N), also at N = 1 (one random slot per image) and at
+    sampling. Pass ``slots`` to make the draw reproducible (the trainer and gd.sample draw them from seeded
+    generators, see :meth:`SiT.draw_slots`); without it they come from torch's global generator.
+  - "tokens" (the paper's wording, this repo before the released recipe): added to the patch tokens of grouped
+    images only, member i of a group taking row i; zero-initialised, so a loaded official model is unchanged.
+  - "none": no sample embedding (official SiT).
 
 Timestep window: whether a group attends across its members is decided per group from its anchor (member 0)
 timestep, t_lo <= t_anchor <= t_hi (the paper varies the other members' t around the anchor's). A group
@@ -170,13 +178,14 @@ class SiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         max_group_size: int = 16,
-        sample_embed: bool = True,
+        sample_embed: str | bool = "cond",
         attn_backend: str = "sdpa",
         group_layers: tuple[int, int] | list[int] | None = None,
         group_t_window: tuple[float, float] | list[float] | None = None,
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        sample_embed = _embed_mode(sample_embed)
         _validate(input_size, patch_size, hidden_size, depth, num_heads, class_dropout_prob, num_classes,
                   max_group_size, group_layers, group_t_window)
         self.input_size = input_size
@@ -202,7 +211,8 @@ class SiT(nn.Module):
         self.num_patches = grid * grid
         # Fixed, not trained: a buffer (in the state dict under the official name, outside parameters()).
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid).unsqueeze(0))
-        self.sample_embed = nn.Parameter(torch.zeros(max_group_size, hidden_size)) if sample_embed else None
+        self.embed_mode = sample_embed
+        self.sample_embed = nn.Parameter(torch.zeros(max_group_size, hidden_size)) if sample_embed != "none" else None
         self.blocks = nn.ModuleList(
             [SiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend) for _ in range(depth)]
         )
@@ -233,7 +243,9 @@ class SiT(nn.Module):
         nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
-        if self.sample_embed is not None:
+        if self.embed_mode == "cond":
+            nn.init.normal_(self.sample_embed, std=0.02)
+        elif self.sample_embed is not None:
             nn.init.zeros_(self.sample_embed)
 
     def is_group_layer(self, index: int) -> bool:
@@ -261,10 +273,23 @@ class SiT(nn.Module):
             return group_size, None
         return (group_size, mask) if any_in else (1, None)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, group_size: int = 1) -> Tensor:
+    def draw_slots(self, batch: int, group_size: int, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> Tensor:
+        """Random sample-embedding slots (batch,) long: per group of ``group_size``, the first N entries of a random
+        permutation of range(max_group_size) (the released code's draw), from ``generator`` when given."""
+        groups = batch // group_size
+        if generator is None:  # (no generator argument at all: that overload also takes symbolic shapes)
+            keys = torch.rand(groups, self.max_group_size, device=device)
+        else:
+            keys = torch.rand(groups, self.max_group_size, generator=generator, device=generator.device)
+        return keys.argsort(dim=1)[:, :group_size].reshape(-1).to(device if device is not None else keys.device)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, group_size: int = 1, slots: Tensor | None = None) -> Tensor:
         """Velocity for x (G*N, C, H, W) group-major at times t (G*N,) in [0, 1] (t=0 noise) with labels y.
 
-        Returns x's shape and dtype (the first C output channels when learn_sigma, as the official SiT does).
+        ``slots`` (G*N,) long: the sample-embedding slots in "cond" mode (random when None, see the module
+        docstring; ignored in the other modes). Returns x's shape and dtype (the first C output channels when
+        learn_sigma, as the official SiT does).
         """
         self._check_inputs(x, t, y, group_size)
         b = x.shape[0]
@@ -273,8 +298,14 @@ class SiT(nn.Module):
         dtype = self.x_embedder.proj.weight.dtype
         h = self.x_embedder(x.to(dtype)) + self.pos_embed.to(dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
+        if self.embed_mode == "cond":
+            if slots is None:
+                slots = self.draw_slots(b, group_size, device=x.device)
+            elif slots.shape != (b,):
+                raise ValueError(f"slots has shape {tuple(slots.shape)}; expected ({b},)")
+            c = c + self.sample_embed[slots].to(c.dtype)
         n, mask = self.group_plan(t, group_size)
-        if n > 1 and self.sample_embed is not None:
+        if n > 1 and self.embed_mode == "tokens":
             slot = self.sample_embed[:n].to(h.dtype).repeat(b // n, 1)  # (B, D): member i of every group -> row i
             if mask is not None:
                 slot = slot * mask.repeat_interleave(n).unsqueeze(1).to(h.dtype)
@@ -305,6 +336,18 @@ class SiT(nn.Module):
             raise ValueError(f"t has shape {tuple(t.shape)}; expected ({b},) or a scalar")
         if y.shape != (b,):
             raise ValueError(f"y has shape {tuple(y.shape)}; expected ({b},)")
+
+
+EMBED_MODES = ("cond", "tokens", "none")
+
+
+def _embed_mode(value: str | bool) -> str:
+    """``sample_embed`` as a mode; the booleans of configs and exports written before the modes mean "tokens"/"none"."""
+    if isinstance(value, bool):
+        return "tokens" if value else "none"
+    if value not in EMBED_MODES:
+        raise ValueError(f"sample_embed={value!r}: expected one of {EMBED_MODES}")
+    return value
 
 
 def _validate(input_size: int, patch_size: int, hidden_size: int, depth: int, num_heads: int,

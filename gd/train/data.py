@@ -3,9 +3,16 @@
 :class:`StreamingData` serves a run from the shards (gd.data.loader's plain and group streams, a new epoch whenever
 one ends, state in checkpoints); :class:`SyntheticData` serves fixed random latents so the benchmarks time the
 trainer's own step without a data pipeline.
+
+Streaming starts each epoch with a barrier among a node's ranks, so every rank must read the same number of batches
+from each stream at the same point of the program, although ranks hold group and conditional micro-batches in
+different orders (gd.diffusion.plan, mix="micro"). The trainer therefore reads a whole block's batches up front
+(:meth:`StreamingData.prefetch`, the counts equal on every rank) and the micro-batches take them from per-stream
+queues; the queued batches are part of the checkpoint, so a run stopped mid-block resumes bit for bit.
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,8 +40,23 @@ class _Epochs:
                            "per rank (check data.root and train.micro_batch)")
 
 
+class _Queues:
+    """Batches read ahead of their micro-batch, per stream; checkpointed with the loaders (a state_dict of
+    tensors)."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, deque] = {"group": deque(), "plain": deque()}
+
+    def state_dict(self) -> dict[str, list[dict[str, torch.Tensor]]]:
+        return {k: [{"x": x, "y": y} for x, y in q] for k, q in self.items.items()}
+
+    def load_state_dict(self, state: dict[str, list[dict[str, torch.Tensor]]]) -> None:
+        self.items = {k: deque((b["x"], b["y"]) for b in state.get(k, [])) for k in ("group", "plain")}
+
+
 class StreamingData:
-    """The run's two shard streams; ``next(grouped)`` gives one micro-batch ``(x, y)`` of ``micro_batch`` images."""
+    """The run's two shard streams; ``next(grouped)`` gives one micro-batch ``(x, y)`` of ``micro_batch`` images,
+    from what :meth:`prefetch` read ahead."""
 
     def __init__(self, data_cfg: Any, layout: BatchLayout, group_size: int, seed: int, rank: int,
                  world_size: int) -> None:
@@ -42,16 +64,27 @@ class StreamingData:
 
         plain, group = build_loaders(data_cfg, group_size=group_size, micro_batch=layout.micro_batch, seed=seed,
                                      rank=rank, world_size=world_size)
-        self.loaders = {"plain": plain, "group": group}
-        self._batches = {k: _Epochs(v) for k, v in self.loaders.items()}
+        self.queues = _Queues()
+        self.loaders = {"plain": plain, "group": group, "queued": self.queues}
+        self._batches = {"plain": _Epochs(plain), "group": _Epochs(group)}
+
+    def prefetch(self, groups: int, plains: int) -> None:
+        """Read ``groups`` group batches, then ``plains`` plain ones, into the queues (same counts on every rank)."""
+        for stream, count in (("group", groups), ("plain", plains)):
+            for _ in range(count):
+                batch = self._batches[stream].next()
+                x, y = batch["latent"], batch["label"]
+                if stream == "group":
+                    x, y = x.flatten(0, 1), y.flatten(0, 1)
+                self.queues.items[stream].append((x, y))
 
     def next(self, grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents (B, C, H, W) and labels (B,), group-major when ``grouped`` (anchor first in each group)."""
-        if grouped:
-            batch = self._batches["group"].next()
-            return batch["latent"].flatten(0, 1), batch["label"].flatten(0, 1)
-        batch = self._batches["plain"].next()
-        return batch["latent"], batch["label"]
+        queue = self.queues.items["group" if grouped else "plain"]
+        if not queue:
+            raise RuntimeError(f"no prefetched {'group' if grouped else 'plain'} batch: the trainer reads each "
+                               "block's batches with prefetch() before its micro-batches")
+        return queue.popleft()
 
 
 class SyntheticData:
@@ -65,6 +98,9 @@ class SyntheticData:
         c, s = int(model_cfg.in_channels), int(model_cfg.input_size)
         self.x = torch.randn(micro_batch, c, s, s, generator=g)
         self.y = torch.randint(0, int(model_cfg.num_classes), (micro_batch,), generator=g)
+
+    def prefetch(self, groups: int, plains: int) -> None:
+        """Nothing to read ahead."""
 
     def next(self, grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x, self.y

@@ -4,11 +4,12 @@ Everything that can be wrong with a config is checked by :func:`gd.diffusion.pla
 :func:`deepspeed_config` before any process group, model or data exists, so a bad run fails in seconds with the
 offending values in the message.
 
-Unused parameters: on a conditional GroupDiff-l step ``sample_embed`` receives no gradient. Plain torch AdamW skips
-a parameter whose ``grad`` is None, but ZeRO (and DeepSpeed's bf16 optimizers) step flat fp32 partitions with a zero
-gradient there, so Adam's momentum (m / sqrt(v)) still moves it on those steps: a known deviation from plain torch
-AdamW. Weight decay would additionally shrink it every conditional step, so :class:`GuardedAdamW` leaves it out of
-the decay (:data:`NO_DECAY`).
+Weight decay (the released GroupDiff recipe): only the matrices of the attention, MLP, adaLN and output layers
+decay; 1-D tensors (biases), embeddings (patch, timestep, class, sample) and norms do not (:func:`decays`). The
+optimizer takes one parameter group (see :class:`GuardedAdamW`), so the rule is applied through views of the fp32
+masters. Unused parameters: with ``sample_embed="tokens"``, a conditional GroupDiff-l step gives ``sample_embed`` no
+gradient; ZeRO steps flat fp32 partitions with a zero gradient there, so Adam's momentum still moves it, a known
+deviation from plain torch AdamW (the released "cond" embedding is used on every step).
 
 Step cost: DeepSpeed's own gradient clipping, overflow checks and norms loop over every parameter with small kernels
 between host syncs; measured with ``python -m gd.bench.step_cost`` that is ~4,400 operators and 6 syncs per step
@@ -167,9 +168,10 @@ class GuardedAdamW(torch.optim.AdamW):
 
     * A NaN/inf gradient anywhere skips the whole update (weights, moments and step count untouched).
     * Otherwise the gradients are clipped to ``max_norm`` by their global norm (as torch's ``clip_grad_norm_``;
-      0 = off) and decoupled weight decay (``weight_decay``: AdamW's ``p *= 1 - lr * wd``) is applied to every
-      element except those in ``no_decay()`` (set after ``deepspeed.initialize``: views of the fp32 tensors this
-      optimizer steps, see :func:`master_views`); AdamW itself then runs with weight decay 0.
+      0 = off) and decoupled weight decay (``weight_decay``: AdamW's ``p *= 1 - lr * wd``) is applied to the
+      elements in ``decayed()`` (set after ``deepspeed.initialize``: views of the fp32 tensors this optimizer
+      steps, see :func:`master_views`; unset: everything), in one foreach kernel; AdamW itself then runs with
+      weight decay 0.
 
     DeepSpeed hands it what it updates: ZeRO >= 1 one flat fp32 partition per rank (``partitioned``: squared norms
     add across ranks), stage 0 the module's parameters (replicas: the all-reduce averages). It takes a single
@@ -191,8 +193,8 @@ class GuardedAdamW(torch.optim.AdamW):
         self.param_groups[0]["masked_weight_decay"] = float(weight_decay)  # torch owns "decoupled_weight_decay"
         self.partitioned = partitioned
         self.max_norm = float(max_norm)
-        self.no_decay: Callable[[], list[torch.Tensor | None]] | None = None
-        self._no_decay_views: list[torch.Tensor] | None = None
+        self.decayed: Callable[[], list[torch.Tensor | None]] | None = None
+        self._decay_views: list[torch.Tensor] | None = None
         self.last_skipped = False
         self.last_grad_norm = float("nan")
         self.skipped_total = 0
@@ -237,31 +239,46 @@ class GuardedAdamW(torch.optim.AdamW):
         wd = float(group.get("masked_weight_decay", 0.0))
         if wd == 0.0:
             return
-        views = self._no_decay_views
+        views = self._decay_views
         if views is None:
-            # Resolved at the first decayed step (after any checkpoint load); not cached before no_decay is set.
+            # Resolved at the first decayed step (after any checkpoint load); not cached before decayed is set.
             views = self._checked_views()
-            if self.no_decay is not None:
-                self._no_decay_views = views
-        keep = [v.clone() for v in views]
-        torch._foreach_mul_(group["params"], 1.0 - float(group["lr"]) * wd)
-        for view, value in zip(views, keep, strict=True):
-            view.copy_(value)
+            if self.decayed is not None:
+                self._decay_views = views
+        if views:
+            torch._foreach_mul_(views, 1.0 - float(group["lr"]) * wd)
 
     def _checked_views(self) -> list[torch.Tensor]:
-        views = [v for v in (self.no_decay() if self.no_decay else []) if v is not None and v.numel()]
+        if self.decayed is None:
+            return list(self.param_groups[0]["params"])
+        views = [v for v in self.decayed() if v is not None and v.numel()]
         spans = []
         for p in self._params():
             storage = p.untyped_storage()
             spans.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
         for v in views:
             if not any(lo <= v.data_ptr() < hi for lo, hi in spans):
-                raise RuntimeError("a no-decay view does not alias the tensors this optimizer updates: this DeepSpeed "
-                                   "keeps its fp32 masters elsewhere (see gd.train.engine.master_views)")
+                raise RuntimeError("a weight-decay view does not alias the tensors this optimizer updates: this "
+                                   "DeepSpeed keeps its fp32 masters elsewhere (see gd.train.engine.master_views)")
         return views
 
 
-NO_DECAY = ("sample_embed",)
+NO_DECAY_WORDS = ("embed", "norm", "bias")
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether weight decay applies to parameter ``name``: matrices (>= 2-D) outside embeddings and norms.
+
+    The released GroupDiff code's rule (no decay for ndim < 2 or a name containing "embed", "norm", "bias", ...);
+    on SiT it decays exactly the qkv, proj, fc1, fc2, adaLN and final linear weights.
+    """
+    shape = getattr(param, "ds_shape", None) or param.shape  # ZeRO-3 partitions hold a flat slice
+    return len(shape) >= 2 and not any(word in name for word in NO_DECAY_WORDS)
+
+
+def decayed_names(module: torch.nn.Module) -> list[str]:
+    """The parameters of ``module`` that :func:`decays` names."""
+    return [name for name, p in module.named_parameters() if decays(name, p)]
 
 
 def master_views(engine: Any, names: Iterable[str]) -> list[torch.Tensor | None]:
@@ -309,7 +326,8 @@ def build_engine(model: torch.nn.Module, train_cfg: Mapping[str, Any], layout: B
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], train_cfg, device, fused)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                            dist_init_required=False)
-    optimizer.no_decay = lambda: master_views(engine, NO_DECAY)
+    names = decayed_names(engine.module)
+    optimizer.decayed = lambda: master_views(engine, names)
     if layout.world_size == 1 and int(train_cfg["zero_stage"]) == 0:
         # Stage 0 all-reduces after backward, flattening every gradient and copying it back, even in a world of 1.
         engine.enable_backward_allreduce = False

@@ -117,8 +117,9 @@ class MetricsLogger:
 class StepLog:
     """The metrics of the steps since the last log line; owns the log cadence (``train.log_every``).
 
-    ``loss`` is the mean objective of the window's applied steps. A group step's objective sums its N members
-    (GroupDiff's L_Group), so ``loss`` alone mixes scales: ``loss_cond`` / ``loss_group`` are per image by step kind.
+    ``loss`` is the mean objective of the window's applied steps; ``loss_cond`` / ``loss_group`` the per-image loss
+    of conditional and group micro-batches (with ``loss_reduction=group_sum`` a group's objective sums its N
+    members, so only these two compare across kinds); ``group_frac`` the fraction of images in group micro-batches.
     """
 
     def __init__(self, logger: MetricsLogger, throughput: Throughput, every: int, last_step: int) -> None:
@@ -130,17 +131,24 @@ class StepLog:
     def _reset(self) -> None:
         self.loss, self.n = 0.0, 0
         self.by_kind = {"cond": [0.0, 0], "group": [0.0, 0]}
+        self.micro, self.group_micro = 0, 0
 
-    def add(self, images: int, group_size: int, loss: float | None, grouped: bool) -> None:
-        """One optimizer step of ``images`` images (all ranks); ``loss`` None when its update was skipped."""
-        self.throughput.add(images, group_size)
-        if loss is None:
+    def add(self, micro_batch: int, result: Any, group_size: int) -> None:
+        """One optimizer step (a :class:`gd.train.trainer.StepResult`) of micro-batches of ``micro_batch`` images,
+        its group micro-batches at ``group_size``."""
+        groups = int(result.group_micro.sum())
+        self.micro += result.group_micro.size
+        self.group_micro += groups
+        self.throughput.add(micro_batch * groups, group_size)
+        self.throughput.add(micro_batch * (result.group_micro.size - groups), 1)
+        if result.loss is None:
             return
-        self.loss += loss
+        self.loss += result.loss
         self.n += 1
-        kind = self.by_kind["group" if grouped else "cond"]
-        kind[0] += loss / group_size
-        kind[1] += 1
+        for kind, value in (("cond", result.loss_cond), ("group", result.loss_group)):
+            if value is not None:
+                self.by_kind[kind][0] += value
+                self.by_kind[kind][1] += 1
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.last_step
@@ -152,6 +160,7 @@ class StepLog:
         self.logger.log(step, {
             "loss": self.loss / self.n if self.n else math.nan, **values, **self.throughput.read(),
             **{f"loss_{k}": v[0] / v[1] for k, v in self.by_kind.items() if v[1]},
+            "group_frac": self.group_micro / max(self.micro, 1),
         })
         self._reset()
         return True

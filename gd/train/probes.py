@@ -40,9 +40,10 @@ class SCrossProbe:
         noise = torch.randn(x1.shape, generator=gen, device=x1.device, dtype=x1.dtype)
         t = torch.full((x1.shape[0],), 0.5, device=x1.device)
         x_t = LinearPath().x_t(t, noise, x1)
+        slots = module.draw_slots(x1.shape[0], n, gen) if module.embed_mode == "cond" else None
         if self.zero3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(module.parameters())):
-                return cross_attention_score(module, x_t, t, y, n)
-        return cross_attention_score(module, x_t, t, y, n)
+                return cross_attention_score(module, x_t, t, y, n, slots=slots)
+        return cross_attention_score(module, x_t, t, y, n, slots=slots)

@@ -6,10 +6,12 @@ the last step, preemption), the step log (``train.log_every``) and the S_cross p
 callbacks (gd.train.callbacks) hook in from outside, fault injection included. The benchmarks time the same
 ``forward`` / ``backward`` / update methods on synthetic data (gd.bench.train).
 
-The batch plan (gd.diffusion.plan) decides per step whether it is a conditional step (plain stream, group size 1)
-or a group step (group stream, group size N); both hold the same number of images. Every random draw of a step
-(labels dropped, t, noise) comes from generators seeded by (seed, step, rank, micro), and the data streams resume
-from their saved state, so a resumed run repeats the uninterrupted one bit for bit on CPU.
+The batch plan (gd.diffusion.plan) decides per micro-batch (released recipe: each rank's each accumulation step
+draws its own kind) whether it is conditional (plain stream, group size 1) or a group micro-batch (group stream,
+group size N); all hold the same number of images, and the objective's mean over images gives each image the
+same weight. Every random draw of a micro-batch (labels dropped, t, noise, sample-embedding slots) comes from
+generators seeded by (seed, step, rank, micro), and the data streams resume from their saved state, so a resumed
+run repeats the uninterrupted one bit for bit on CPU.
 """
 from __future__ import annotations
 
@@ -76,13 +78,24 @@ class MicroBatch:
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one optimizer step did: its plan, the mean loss over ranks and micro-batches (None when the update
-    was skipped) and whether a stop was requested on any rank."""
+    """What one optimizer step did: which micro-batches (world_size, grad_accum) were group micro-batches, the mean
+    loss over ranks and micro-batches and the per-image loss by kind (None when the update was skipped or a kind
+    was absent), and whether a stop was requested on any rank."""
 
-    plan: StepPlan
+    group_micro: np.ndarray
     loss: float | None
+    loss_cond: float | None
+    loss_group: float | None
     skipped: bool
     stop: bool
+
+    @property
+    def has_group(self) -> bool:
+        return bool(self.group_micro.any())
+
+
+# The step's device-side accumulator, summed over micro-batches and ranks and read once per step.
+_LOSS, _BAD, _STOP, _COND, _COND_N, _GROUP, _GROUP_N = range(7)
 
 
 class Trainer:
@@ -101,8 +114,8 @@ class Trainer:
         check_train_cfg(t)
         rank, world, _ = eng.dist_env()
         self.cfg = cfg
-        self.plan = BatchPlan.from_config(cfg.diffusion, cfg.model, int(cfg.seed))
-        self.layout = self.plan.layout(t, world, int(cfg.model.max_group_size))
+        self.layout = BatchPlan.from_config(cfg.diffusion, cfg.model).layout(t, world, int(cfg.model.max_group_size))
+        self.plan = BatchPlan.from_config(cfg.diffusion, cfg.model, int(cfg.seed), self.layout.grad_accum)
         eng.deepspeed_config(t, self.layout)  # rejects bad stage/precision before any process starts work
         self.run_dir = Path(cfg.run.dir)
         self.steps = int(t.steps)
@@ -131,15 +144,22 @@ class Trainer:
         self.probe = SCrossProbe(int(t.get("s_cross_every") or 0), self.zero3)
         self.callbacks = CallbackList(callbacks)
         self.stop_requested = stop_requested
-        self.sigma_tv, self.time_sampling = float(cfg.diffusion.sigma_tv), str(cfg.diffusion.time_sampling)
-        self._acc = torch.zeros(3, dtype=torch.float64, device=d.device)
-        self._reduced = (0.0, 0.0, 0.0)
+        dc = cfg.diffusion
+        self.objective = dict(sigma_tv=float(dc.sigma_tv), time_sampling=str(dc.time_sampling),
+                              reduction=str(dc.get("loss_reduction", "mean")),
+                              sigma_tv_draw=str(dc.get("sigma_tv_draw", "window")))
+        self._acc = torch.zeros(7, dtype=torch.float64, device=d.device)
+        self._reduced = [0.0] * 7
 
     # ---- the step -----------------------------------------------------------------------------------------------
-    def micro_batch(self, step: int, micro: int, plan: StepPlan) -> MicroBatch:
-        """Micro-batch ``micro`` of ``step``: the next batch of the plan's stream, its labels as the plan drops
-        them (on the host, before the copy) and the generator of its time and noise draws."""
+    def micro_batch(self, step: int, micro: int) -> MicroBatch:
+        """Micro-batch ``micro`` of ``step`` on this rank: the next batch of the stream its plan names, its labels as
+        the plan drops them (on the host, before the copy) and the generator of its time, noise and slot draws."""
         d = self.dist
+        fetches = self.plan.block_fetches(step, micro)
+        if fetches is not None:
+            self.data.prefetch(*fetches)
+        plan = self.plan.micro(step, d.rank, micro)
         x, y = self.data.next(plan.is_group)
         x = self.callbacks.on_micro_batch(self, step, micro, x.to(d.device, non_blocking=True))
         y = self.plan.labels(step, y, rank=d.rank, micro=micro).to(d.device, non_blocking=True)
@@ -152,54 +172,67 @@ class Trainer:
             _clear_zero3_grads(self.engine)
 
     def forward(self, mb: MicroBatch) -> torch.Tensor:
-        """The objective of one micro-batch (GroupDiff's L_Group at the plan's group size)."""
-        loss, _ = group_loss(self._velocity, mb.x, mb.y, mb.plan.group_size, sigma_tv=self.sigma_tv,
-                             generator=mb.generator, time_sampling=self.time_sampling)
+        """The objective of one micro-batch at its plan's group size (diffusion.loss_reduction)."""
+
+        def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, group_size: int) -> torch.Tensor:
+            slots = None
+            if self.model.embed_mode == "cond":  # drawn after t and noise, from the same seeded generator
+                slots = self.model.draw_slots(x.shape[0], group_size, mb.generator, x.device)
+            return self.engine(x, t, y, group_size=group_size, slots=slots)
+
+        loss, _ = group_loss(velocity, mb.x, mb.y, mb.plan.group_size, generator=mb.generator, **self.objective)
         if mb.plan.is_group:
             self.probe.observe(mb.x, mb.y, mb.plan.group_size)
+        self._kind = (_GROUP, _GROUP_N) if mb.plan.is_group else (_COND, _COND_N)
+        self._per_image = mb.plan.group_size if self.objective["reduction"] == "group_sum" else 1
         return loss
 
-    def _velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, group_size: int) -> torch.Tensor:
-        return self.engine(x, t, y, group_size=group_size)
-
     def backward(self, loss: torch.Tensor, last: bool) -> None:
-        """Backward of one micro-batch; the step's last one also reads the step's only host value: the loss sum,
-        non-finite count and stop flag, summed over ranks, and arms the non-finite guard with it."""
+        """Backward of one micro-batch; the step's last one also reads the step's only host values (the loss sums
+        overall and by kind, the non-finite count and the stop flag, summed over ranks) and arms the non-finite
+        guard with them."""
         self.engine.backward(loss)
         value = loss.detach().double()
         finite = torch.isfinite(value)
-        self._acc[0] += torch.where(finite, value, torch.zeros_like(value))
-        self._acc[1] += (~finite).double()
+        value = torch.where(finite, value, torch.zeros_like(value))
+        self._acc[_LOSS] += value
+        self._acc[_BAD] += (~finite).double()
+        self._acc[self._kind[0]] += value / self._per_image
+        self._acc[self._kind[1]] += 1.0
         if not last:
             return
         if self.stop_requested is not None and self.stop_requested():
-            self._acc[2] = 1.0
+            self._acc[_STOP] = 1.0
         if dist.is_initialized() and self.dist.world_size > 1:
             dist.all_reduce(self._acc)
-        self._reduced = tuple(self._acc.tolist())
-        self.guard.arm(self._reduced[1] > 0)
+        self._reduced = self._acc.tolist()
+        self.guard.arm(self._reduced[_BAD] > 0)
 
     def forward_backward(self, mb: MicroBatch, last: bool) -> None:
         self.backward(self.forward(mb), last)
 
-    def end_step(self, step: int, plan: StepPlan) -> StepResult:
+    def end_step(self, step: int) -> StepResult:
         """After the last ``engine.step()`` of step ``step`` (0-based): settle the guard, update the EMA."""
         skipped = self.guard.settle(self.engine, step + 1)
-        loss_sum, _, stop = self._reduced
+        r = self._reduced
         if not skipped:
             self.ema.update()
-        loss = None if skipped else loss_sum / (self.layout.grad_accum * self.dist.world_size)
-        return StepResult(plan, loss, skipped, stop > 0)
+        group_micro = self.plan.group_micro_batches(step, self.dist.world_size)
+
+        def mean(total: float, n: float) -> float | None:
+            return None if skipped or n == 0 else total / n
+
+        return StepResult(group_micro, mean(r[_LOSS], group_micro.size), mean(r[_COND], r[_COND_N]),
+                          mean(r[_GROUP], r[_GROUP_N]), skipped, r[_STOP] > 0)
 
     def train_step(self, step: int) -> StepResult:
         """Optimizer step ``step`` (0-based): every micro-batch's forward and backward, then the update."""
-        plan = self.plan.step(step)
         self.begin_step()
         accum = self.layout.grad_accum
         for micro in range(accum):
-            self.forward_backward(self.micro_batch(step, micro, plan), last=micro == accum - 1)
+            self.forward_backward(self.micro_batch(step, micro), last=micro == accum - 1)
             self.engine.step()  # DeepSpeed applies the update at the accumulation boundary
-        return self.end_step(step, plan)
+        return self.end_step(step)
 
     # ---- the run ------------------------------------------------------------------------------------------------
     def save(self, step: int) -> None:
@@ -236,7 +269,7 @@ class Trainer:
             while step < self.steps:
                 result = self.train_step(step)
                 step += 1
-                steplog.add(self.layout.global_batch, result.plan.group_size, result.loss, result.plan.is_group)
+                steplog.add(self.layout.micro_batch, result, self.plan.group_size)
                 last_loss = result.loss if result.loss is not None else last_loss
                 logger.advance()
                 self.callbacks.on_step_end(self, step)
@@ -245,7 +278,8 @@ class Trainer:
                     logger.log(step, probe)
                 steplog.maybe_log(step, {
                     "grad_norm": self.optimizer.last_grad_norm,  # global, before clipping
-                    "lr": float(self.optimizer.param_groups[0]["lr"]), "group_size": result.plan.group_size,
+                    "lr": float(self.optimizer.param_groups[0]["lr"]),
+                    "group_size": self.plan.group_size if result.has_group else 1,
                     "skipped_steps": self.guard.skipped_total})
                 if result.stop and step < self.steps:
                     self.save(step)

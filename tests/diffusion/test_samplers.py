@@ -131,6 +131,50 @@ def test_sde_matches_sit_conventions_exactly() -> None:
     assert stats.nfe == 20  # 19 noisy steps + the "Mean" last step, like SiT's num_steps
 
 
+def _released_sde_reference(x: torch.Tensor, steps: int, gen: torch.Generator, last: float = 0.04) -> torch.Tensor:
+    """The released GroupDiff (REPA transport) sampler in ITS time s (1 = noise), written out per sample in float64:
+    grid s_k = 1 - k (1 - last) / (steps - 1); drift v' - w(s) score, w = s_c / (1 - s_c), s_c = clamp(s, 1e-4,
+    0.999); score from v' with the unclamped s; x <- x - drift ds + sqrt(2 w) dW, then the noise-free "Mean" step
+    of size `last`. The model v'(x, s) = -v(x, 1 - s)."""
+    ss = [1.0 - i * (1.0 - last) / (steps - 1) for i in range(steps)]
+
+    def drift(xi: torch.Tensor, s: float) -> torch.Tensor:
+        v = -GAUSS.velocity(xi[None], torch.tensor([1.0 - s], dtype=torch.float64))[0]
+        score = (-(1.0 - s) * v - xi) / s
+        sc = min(max(s, 1e-4), 0.999)
+        return v - sc / (1.0 - sc) * score
+
+    x = x.clone()
+    for k in range(steps - 1):
+        s, ds = ss[k], ss[k] - ss[k + 1]
+        sc = min(max(s, 1e-4), 0.999)
+        dw = torch.randn(x.shape, generator=gen, dtype=torch.float64) * math.sqrt(ds)
+        for i in range(x.shape[0]):
+            x[i] = x[i] - drift(x[i], s) * ds + math.sqrt(2 * sc / (1.0 - sc)) * dw[i]
+    for i in range(x.shape[0]):
+        x[i] = x[i] - drift(x[i], ss[-1]) * last
+    return x
+
+
+def test_sbdm_sde_from_t0_matches_the_released_sampler() -> None:
+    """diffusion_form=SBDM with sample_eps=0 is the released GroupDiff sampler transcribed in its own time: the
+    clamped w (999 at the noise end), the grid starting at pure noise, the score at t = 0. Catches an unclamped w
+    (infinite at t = 0), a grid starting at 1e-3, or a time/sign error in the translation."""
+    x0 = _noise(6, seed=3)
+    ref = _released_sde_reference(x0, 30, torch.Generator().manual_seed(4))
+    out = sample(GAUSS.model, x0, _labels(6), method="sde", steps=30, generator=torch.Generator().manual_seed(4),
+                 diffusion_form="SBDM", sample_eps=0.0)
+    assert torch.allclose(out, ref, atol=1e-10, rtol=0)
+
+
+def test_sbdm_sde_samples_the_distribution() -> None:
+    """The released SDE (250 steps from pure noise) reaches the data distribution of a Gaussian toy."""
+    x0 = _noise(20000, seed=5)
+    out = sample(GAUSS.model, x0, _labels(x0.shape[0]), method="sde", steps=250,
+                 generator=torch.Generator().manual_seed(6), diffusion_form="SBDM", sample_eps=0.0)
+    _check_moments(out, GAUSS, mean_slack=0.02, cov_rtol=0.06)
+
+
 @pytest.mark.parametrize("method,steps,nfe", [("euler", 7, 7), ("heun", 7, 14), ("sde", 7, 7)])
 def test_nfe_and_trajectory(method: str, steps: int, nfe: int) -> None:
     x0 = _noise(4)

@@ -70,8 +70,11 @@ def loop_attention(tokens: Tensor, sd: dict, prefix: str, heads: int, group_size
     return _lin(out, sd, prefix + ".proj")
 
 
-def reference_forward(sd: dict, cfg: dict, x: Tensor, t: Tensor, y: Tensor, group_size: int = 1) -> Tensor:
-    """float64 SiT forward. cfg: patch_size, in_channels, heads, depth, learn_sigma, group_layers, t_window."""
+def reference_forward(sd: dict, cfg: dict, x: Tensor, t: Tensor, y: Tensor, group_size: int = 1,
+                      slots: Tensor | None = None) -> Tensor:
+    """float64 SiT forward. cfg: patch_size, in_channels, heads, depth, learn_sigma, group_layers, t_window, and
+    embed ("tokens", the default: row i of sample_embed added to the patch tokens of member i of a grouped image;
+    "cond": row slots[i] added to image i's conditioning vector, the released GroupDiff code's way)."""
     sd = {k: v.double() for k, v in sd.items()}
     x, t = x.double(), t.double()
     p, cin, heads = cfg["patch_size"], cfg["in_channels"], cfg["heads"]
@@ -92,11 +95,15 @@ def reference_forward(sd: dict, cfg: dict, x: Tensor, t: Tensor, y: Tensor, grou
     temb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).double()
     temb = _lin(_silu(_lin(temb, sd, "t_embedder.mlp.0")), sd, "t_embedder.mlp.2")
     c = temb + sd["y_embedder.embedding_table.weight"][y]
+    embed = cfg.get("embed", "tokens")
+    if embed == "cond":
+        for i in range(b):
+            c[i] = c[i] + sd["sample_embed"][int(slots[i])]
     grouped = None
     if group_size > 1 and cfg.get("t_window") is not None:
         lo, hi = cfg["t_window"]
         grouped = [bool(lo <= float(t[g * group_size]) <= hi) for g in range(b // group_size)]
-    if group_size > 1 and "sample_embed" in sd:
+    if group_size > 1 and "sample_embed" in sd and embed == "tokens":
         for i in range(b):
             if grouped is None or grouped[i // group_size]:
                 tokens[i] = tokens[i] + sd["sample_embed"][i % group_size]

@@ -86,7 +86,7 @@ def test_mismatched_checkpoint_lists_everything_and_loads_nothing(tmp_path):
 def test_sample_embed_in_file_but_not_in_model(tmp_path):
     path = tmp_path / "gd.pt"
     torch.save(tiny(sample_embed=True).state_dict(), path)
-    with pytest.raises(CheckpointError, match="sample_embed=True"):
+    with pytest.raises(CheckpointError, match="sample_embed='cond' or 'tokens'"):
         load_pretrained(tiny(sample_embed=False), path)
 
 

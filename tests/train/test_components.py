@@ -204,6 +204,66 @@ def test_nonfinite_steps_are_skipped_then_stop(fm_shards, tmp_path):
     _free_streaming(fm_shards)
 
 
+class _RecordingData:
+    """The trainer's data source, recording which stream each micro-batch came from and its true labels."""
+
+    def __init__(self, inner):
+        self.inner, self.loaders, self.calls = inner, inner.loaders, []
+
+    def prefetch(self, groups, plains):
+        self.inner.prefetch(groups, plains)
+
+    def next(self, grouped):
+        x, y = self.inner.next(grouped)
+        self.calls.append((grouped, y.clone()))
+        return x, y
+
+
+@pytest.mark.slow
+def test_trainer_feeds_the_model_what_the_plan_says(fm_shards, tmp_path):
+    """The trainer's GroupDiff wiring, recorded at the model's input over 16 steps of 2 accumulated micro-batches
+    (released recipe, p_group 0.5): each micro-batch reads the stream its plan names; group micro-batches reach the
+    model as groups of N with every label null, equal t within a group (sigma_tv 0) and distinct sample-embedding
+    slots per group; conditional ones reach it at group size 1 with their true labels (no class dropout). Catches
+    a stream swapped, labels not nulled or dropped on conditional images, the group size not passed, or the plan
+    decided per step where it is per micro-batch."""
+    from gd.train.data import StreamingData
+    from gd.train.trainer import Trainer
+
+    cfg = compose(*overrides(fm_shards, tmp_path / "run", "train.global_batch=16", "train.micro_batch=8",
+                             "train.steps=16", "train.ckpt_every=100", "diffusion.p_group=0.5"))
+    seen = []
+    trainer = Trainer(cfg)
+    trainer.data = _RecordingData(trainer.data)
+    assert isinstance(trainer.data.inner, StreamingData) and trainer.layout.grad_accum == 2
+    hook = trainer.model.register_forward_pre_hook(
+        lambda m, args, kw: seen.append((args[1].detach().clone(), args[2].clone(), kw["group_size"],
+                                         kw["slots"].clone())), with_kwargs=True)
+    trainer.train()
+    hook.remove()
+    _free_streaming(fm_shards)
+    plan, null = trainer.plan, cfg.model.num_classes
+    assert len(seen) == len(trainer.data.calls) == 32
+    kinds = set()
+    for i, ((t, y, n, slots), (grouped, true_y)) in enumerate(zip(seen, trainer.data.calls)):
+        step, micro = divmod(i, 2)
+        mp = plan.micro(step, 0, micro)
+        assert grouped == mp.is_group, f"step {step} micro {micro}: read the wrong stream"
+        kinds.add(grouped)
+        if grouped:
+            assert n == 4 and torch.all(y == null)
+            assert torch.all(t.view(-1, 4) == t.view(-1, 4)[:, :1])
+            assert all(len(set(g.tolist())) == 4 for g in slots.view(-1, 4))
+        else:
+            assert n == 1 and torch.equal(y, true_y) and not torch.any(y == null)
+        assert slots.min() >= 0 and slots.max() < cfg.model.max_group_size
+    assert kinds == {True, False}
+    recs = [r for r in _records(tmp_path / "run") if "loss" in r]
+    fracs = [r["group_frac"] for r in recs]
+    assert fracs == [float(plan.group_micro_batches(s, 1).mean()) for s in range(16)]
+    assert any(0.0 < f < 1.0 for f in fracs)  # a step mixed a group and a conditional micro-batch
+
+
 @pytest.mark.slow
 def test_stop_requested_checkpoints_and_resumes(fm_shards, tmp_path):
     from gd.train import train
@@ -288,11 +348,33 @@ def test_stop_file_is_honoured_once_then_removed(fm_shards, tmp_path):
     assert [r["step"] for r in _records(run) if "loss" in r] == [1, 2, 3]
 
 
+# The released rule on SiT (names written out, not derived from gd.train.engine.decays).
+DECAYED = {"blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight",
+           "blocks.0.adaLN_modulation.1.weight", "final_layer.linear.weight", "final_layer.adaLN_modulation.1.weight"}
+
+
+def test_decay_rule_names_exactly_the_released_matrices():
+    """On SiT-XL/2 (meta device): the decayed parameters are the qkv, proj, fc1, fc2 and adaLN weights of every
+    block and the final layer's linear and adaLN weights, nothing else (5 per block and 2 in the final layer)."""
+    from gd.models import build_model
+    from gd.train.engine import decays
+
+    with torch.device("meta"):
+        model = build_model("SiT-XL/2")
+    names = {n for n, p in model.named_parameters() if decays(n, p)}
+    kinds = {".".join(n.split(".")[2:]) if n.startswith("blocks.") else n for n in names}
+    assert kinds == {"attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight",
+                     "adaLN_modulation.1.weight", "final_layer.linear.weight", "final_layer.adaLN_modulation.1.weight"}
+    assert len(names) == 5 * 28 + 2
+
+
 @pytest.mark.parametrize("stage,precision", [(0, "fp32"), (0, "bf16_autocast"), (1, "fp32"), (1, "bf16"),
                                              (2, "bf16_autocast"), (3, "fp32")])
-def test_weight_decay_spares_sample_embed_under_every_engine(stage, precision):
+def test_weight_decay_only_on_matrices_under_every_engine(stage, precision):
     """One DeepSpeed step with zero gradients: AdamW's update is 0, so each fp32 master must be exactly
-    ``p * (1 - lr * wd)``, except sample_embed, which must not move (its views alias the optimizer's storage)."""
+    ``p * (1 - lr * wd)`` for the decayed matrices and must not move for the rest (biases, the patch, timestep, class
+    and sample embeddings): the released recipe's rule, applied through views that alias the optimizer's storage.
+    Catches decay on biases or embeddings, no decay at all, or views into a copy under some ZeRO stage."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -324,7 +406,7 @@ def test_weight_decay_spares_sample_embed_under_every_engine(stage, precision):
         else:
             master = safe_get_full_fp32_param(p).detach().view(p.shape)
         start = before[name].bfloat16().float() if precision == "bf16" else before[name]  # masters of bf16 weights
-        want = start if name == "sample_embed" else start * factor
+        want = start * factor if name in DECAYED else start
         assert torch.equal(master, want), name
     del engine, opt
     gc.collect()
@@ -349,10 +431,10 @@ def test_engine_compile_trains_like_eager():
         losses = []
         for s in range(3):
             gen = torch.Generator().manual_seed(s)
-            torch.manual_seed(100 + s)  # class dropout draws from the global generator
             x = torch.randn(8, 1, 8, 8, generator=gen)
+            n = 4 if s % 2 else 1
             out = engine(x, torch.rand(8, generator=gen), torch.randint(0, 10, (8,), generator=gen),
-                         group_size=4 if s % 2 else 1)
+                         group_size=n, slots=model.draw_slots(8, n, gen))  # seeded, as the trainer draws them
             loss = (out - x).pow(2).mean()
             engine.backward(loss)
             engine.step()

@@ -47,15 +47,11 @@ def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> No
         assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
-def group_sizes(run_dir: Path) -> dict[int, int]:
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["group_size"] for r in recs if "loss" in r}
-
-
 def assert_loss_falls(run_dir: Path) -> None:
-    """Conditional steps only: a group step's loss is summed over its N members and is not comparable."""
-    curve, sizes = losses(run_dir), group_sizes(run_dir)
-    plain = [curve[s] for s in sorted(curve) if sizes[s] == 1]
+    """The per-image loss of conditional micro-batches (``loss_cond``): group micro-batches (null labels, other
+    images) have a loss of their own."""
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    plain = [r["loss_cond"] for r in recs if "loss_cond" in r]
     first, last = sum(plain[:3]) / 3, sum(plain[-5:]) / 5
     assert last < 0.85 * first, f"loss did not fall: first steps {first:.4f}, last steps {last:.4f}"
 
