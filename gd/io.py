@@ -161,6 +161,7 @@ def private_dir(path: str | os.PathLike) -> Path:
     path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
     real = Path(os.path.realpath(path.parent)) / path.name
     missing = [p for p in (real, *real.parents) if not os.path.lexists(p)]
+    _check_ancestors(missing[-1] if missing else real)
     for part in reversed(missing):
         try:
             os.mkdir(part, 0o700)
@@ -168,7 +169,6 @@ def private_dir(path: str | os.PathLike) -> Path:
             pass
         except OSError as err:
             raise UntrustedPathError(f"cannot create the private directory {real}: {err}") from err
-    _check_ancestors(real)
     st = os.lstat(real)
     if not stat.S_ISDIR(st.st_mode):
         kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
