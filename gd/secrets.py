@@ -116,16 +116,18 @@ def _container(cfg: Any, resolve: bool) -> Any:
     return cfg
 
 
-def find_credentials(cfg: Any) -> list[str]:
+def find_credentials(cfg: Any, names_checked_elsewhere: tuple[str, ...] = ()) -> list[str]:
     """Where ``cfg`` (a DictConfig or plain container, unresolved) holds a credential, one line per finding:
     the dotted key and the kind, never the value. Checked: every string value, and every key whose name is a
-    credential word that has a literal (not ``${...}``) value."""
+    credential word that has a literal (not ``${...}``) value (except under ``names_checked_elsewhere``)."""
     found = []
     for path, key, value in _walk(_container(cfg, resolve=False)):
         rendered = path.startswith(RENDERED)
         if isinstance(value, str):
             for kind in credential_kinds(value, rendered=rendered):
                 found.append(f"{path} holds {kind}")
+        if path.startswith(tuple(f"{n}." for n in names_checked_elsewhere)):
+            continue
         literal = value is not None and value != "" and not (isinstance(value, str) and _INTERP.fullmatch(value))
         if isinstance(key, str) and is_credential_name(key) and literal:
             found.append(f"{path} is named like a credential and has a literal value")

@@ -38,7 +38,7 @@ def check_dataset(root: str) -> dict:
         try:
             found = storage.exists(url, client)
         except Exception as exc:
-            raise ConnectionError(storage.describe_s3_error(exc, url)) from exc
+            raise ConnectionError(storage.describe_s3_error(exc, url)) from storage.redacted(exc)
         if not found:
             raise FileNotFoundError(f"no shards at {root}: {url} is missing; {hint}")
     return validate_shard_set(root, client=client)
