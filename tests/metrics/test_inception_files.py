@@ -10,12 +10,12 @@ from gd.metrics import inception as inc
 
 
 class _Planted(torch.nn.Module):
-    """What an attacker would put at clean-fid's path: the layout build_inception expects, constant features."""
+    """What an attacker would put at clean-fid's path: the ``layers`` trunk build_inception uses. (No Linear: after a
+    ZeRO-3 engine in the same process DeepSpeed's patched F.linear cannot be scripted.)"""
 
     def __init__(self) -> None:
         super().__init__()
         self.layers = torch.nn.Flatten()
-        self.output = torch.nn.Linear(2048, 1008, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
