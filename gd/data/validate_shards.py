@@ -54,7 +54,7 @@ def validate_meta(meta: Any, where: str) -> None:
     if not isinstance(meta, dict):
         raise ShardSetError(f"{where}: meta.json is a {type(meta).__name__}, expected an object")
     problems = []
-    if meta.get("version") != META_VERSION:
+    if meta.get("version", META_VERSION) != META_VERSION:
         problems.append(f"version={meta.get('version')!r}: expected {META_VERSION}")
     if not isinstance(meta.get("build_id"), str) or not BUILD_ID.match(meta["build_id"]):
         problems.append(f"build_id={meta.get('build_id')!r}: expected 16 lowercase hex digits (it names the cache "
