@@ -1,8 +1,17 @@
-"""Atomic file writes: every artefact is written to a temp file beside its target, flushed to disk, then renamed
-over it, so a crash or a kill never leaves a half-written checkpoint, shard chunk or sample file behind."""
+"""Atomic file writes and trusted directories.
+
+Every artefact is written to a temp file beside its target, flushed to disk, then renamed over it, so a crash or a
+kill never leaves a half-written checkpoint, shard chunk or sample file behind.
+
+Caches and run directories hold files that later code trusts (a cached ``index.json``, reference statistics,
+checkpoints): :func:`private_dir` makes or accepts a directory only this user can change, and
+:func:`untrusted_reason` says why a path could have been changed by someone else.
+"""
 from __future__ import annotations
 
 import os
+import pwd
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,8 +20,28 @@ from typing import Any
 
 import numpy as np
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+
+class UntrustedPathError(PermissionError):
+    """A directory or file that another user could have written (or replaced), where we need one only we control."""
+
+
+def current_umask() -> int:
+    """The process umask, read from ``/proc/self/status`` without changing it.
+
+    ``os.umask`` can only be read by setting it, which for a moment changes the mode of files other threads
+    create; where /proc is missing the value is read that way, with 0o077 in the gap (never a wider mask).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -26,7 +55,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are shared with the group like any file
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; results are shared like any file
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -82,3 +111,75 @@ def fsync_tree(path: str | os.PathLike) -> None:
                 finally:
                     os.close(fd)
         fsync_dir(root)
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def untrusted_reason(path: str | os.PathLike, st: os.stat_result | None = None) -> str | None:
+    """Why ``path`` could have been written by another user, or None when only this user (or root) can change it.
+
+    Untrusted: a symbolic link, an owner other than this user or root, and write permission for the group or others
+    (the mode is named in the reason)."""
+    st = os.lstat(path) if st is None else st
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link"
+    if st.st_uid not in (os.geteuid(), 0):
+        return f"{path} is owned by {_user(st.st_uid)}, not by this user, {_user(os.geteuid())}"
+    if st.st_mode & 0o022:
+        return (f"{path} is writable by its group or by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                f"`chmod go-w {path}` if that is intended to stop")
+    return None
+
+
+def _check_ancestors(path: Path) -> None:
+    """Every folder above ``path`` must be owned by this user or root and not writable by others, except sticky
+    folders such as /tmp (where nobody can rename an entry they do not own)."""
+    for parent in reversed(path.parents):
+        st = os.stat(parent)
+        if st.st_uid not in (os.geteuid(), 0):
+            raise UntrustedPathError(f"{parent} (above {path}) is owned by {_user(st.st_uid)}: they could replace "
+                                     f"{path}; use a folder under one owned by you or root")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise UntrustedPathError(f"{parent} (above {path}) is writable by its group or by others (mode "
+                                     f"{stat.S_IMODE(st.st_mode):04o}, no sticky bit): they could replace {path}")
+
+
+def private_dir(path: str | os.PathLike) -> Path:
+    """Create (mode 0700) or accept a directory that only this user can change, and return its real path.
+
+    For caches whose content is trusted when read back (downloaded shards and their index, reference statistics):
+    a shared, predictable path such as ``/tmp/gd-cache`` lets any local user plant that content first. Refused
+    with :class:`UntrustedPathError`: a symbolic link, a directory owned by someone else or writable by the
+    group or others, or a folder above it that someone else could rename. An existing directory of ours that
+    others may only read is narrowed to 0700.
+    """
+    path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    real = Path(os.path.realpath(path.parent)) / path.name
+    missing = [p for p in (real, *real.parents) if not os.path.lexists(p)]
+    _check_ancestors(missing[-1] if missing else real)
+    for part in reversed(missing):
+        try:
+            os.mkdir(part, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise UntrustedPathError(f"cannot create the private directory {real}: {err}") from err
+    st = os.lstat(real)
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise UntrustedPathError(f"{real} is {kind}; expected a private directory (mode 0700) of this user")
+    if st.st_uid != os.geteuid():
+        raise UntrustedPathError(f"{real} is owned by {_user(st.st_uid)}, not by this user, {_user(os.geteuid())}: "
+                                 f"its content cannot be trusted; choose another directory")
+    if st.st_mode & 0o022:
+        raise UntrustedPathError(f"{real} is writable by its group or by others (mode {stat.S_IMODE(st.st_mode):04o})"
+                                 f": its content cannot be trusted; remove it or `chmod 700 {real}` if nobody else "
+                                 f"wrote to it")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(real, 0o700)
+    return real

@@ -1,27 +1,33 @@
 #!/usr/bin/env bash
 # Stops the cluster that slurm/start.sh started in STATE_DIR: cancels its jobs, then stops slurmd and slurmctld.
-# munged is left running (other clusters on this machine share it).
-# Usage: slurm/stop.sh [STATE_DIR]      STATE_DIR defaults to $GD_SLURM_DIR, else /tmp/gd-slurm.
+# munged is left running (other clusters on this machine share it). Only processes that are slurmd/slurmctld
+# started with STATE_DIR/slurm.conf are signalled, whatever the pid files say, and only if STATE_DIR is root's own.
+# Usage: slurm/stop.sh [STATE_DIR]      STATE_DIR defaults to $GD_SLURM_DIR, else /var/lib/gd-slurm.
 set -uo pipefail
-state=${1:-${GD_SLURM_DIR:-/tmp/gd-slurm}}
-[ -d "$state" ] || { echo "slurm/stop.sh: nothing under $state"; exit 0; }
-state=$(cd "$state" && pwd)
-export SLURM_CONF="$state/slurm.conf" PATH="$PATH:/usr/sbin"
+here=$(cd "$(dirname "$0")" && pwd)
+die() { echo "slurm/stop.sh: $*" >&2; exit 1; }
+# shellcheck source=slurm/state_dir.sh
+. "$here/state_dir.sh"
+state=${1:-${GD_SLURM_DIR:-$GD_SLURM_DEFAULT_DIR}}
+[ -e "$state" ] || [ -L "$state" ] || { echo "slurm/stop.sh: nothing under $state"; exit 0; }
+state=$(check_state_dir "$state") || exit 1
+conf="$state/slurm.conf"
+export SLURM_CONF="$conf" PATH="$PATH:/usr/sbin"
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-
-if alive "$state/run/slurmctld.pid" && [ -n "$(squeue -h -o %i 2>/dev/null)" ]; then
+if ours "$state/run/slurmctld.pid" slurmctld "$conf" && [ -n "$(squeue -h -o %i 2>/dev/null)" ]; then
   squeue -h -o %i | xargs -r scancel
   for _ in $(seq 100); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.1; done
 fi
 for daemon in slurmd slurmctld; do
   pidfile="$state/run/$daemon.pid"
-  if alive "$pidfile"; then
-    pid=$(cat "$pidfile")
+  if ours "$pidfile" "$daemon" "$conf"; then
+    pid=$(tr -dc '0-9' <"$pidfile")
     kill "$pid"
     for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+    ours "$pidfile" "$daemon" "$conf" && kill -9 "$pid"
+  elif [ -s "$pidfile" ]; then
+    echo "slurm/stop.sh: $pidfile names no $daemon of this cluster; nothing signalled" >&2
   fi
-  rm -f "$pidfile"
+  rm -f -- "$pidfile"
 done
 echo "SLURM stopped ($state)"

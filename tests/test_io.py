@@ -33,3 +33,44 @@ def test_files_get_the_umask_mode_not_mkstemps_0600(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o666 & ~umask
+
+
+def test_import_leaves_the_process_umask_alone() -> None:
+    """Fails before the fix: importing gd.io set the umask to 0 for a moment (files other threads created then were
+    world-writable)."""
+    import subprocess
+    import sys
+
+    code = ("import os; calls = []; real = os.umask\n"
+            "os.umask = lambda m: calls.append(m) or real(m)\n"
+            "os.umask(0o027); calls.clear()\n"
+            "import gd.io; print(calls, oct(gd.io.current_umask()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["[]", "0o27"]
+
+
+def test_private_dir_creates_0700_and_refuses_what_others_could_change(tmp_path: Path) -> None:
+    """Catches a cache directory accepted although another user could have filled it: symlink, group/world-writable,
+    a writable non-sticky folder above it. A sticky world-writable folder above (like /tmp) is fine."""
+    from gd.io import UntrustedPathError, private_dir
+
+    made = private_dir(tmp_path / "a" / "b")
+    assert made == tmp_path / "a" / "b" and stat.S_IMODE(made.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o700
+    readable = tmp_path / "readable"
+    readable.mkdir(mode=0o755)
+    assert stat.S_IMODE(private_dir(readable).stat().st_mode) == 0o700  # ours, only readable: narrowed
+    (tmp_path / "link").symlink_to(made)
+    with pytest.raises(UntrustedPathError, match="is a symbolic link"):
+        private_dir(tmp_path / "link")
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    with pytest.raises(UntrustedPathError, match=r"writable by its group or by others \(mode 0777\)"):
+        private_dir(open_dir)
+    with pytest.raises(UntrustedPathError, match=r"open \(above .*\) is writable .*no sticky bit"):
+        private_dir(open_dir / "cache")
+    assert not (open_dir / "cache").exists()
+    os.chmod(open_dir, 0o1777)
+    assert private_dir(open_dir / "cache") == open_dir / "cache"

@@ -19,14 +19,16 @@ from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base.world import World
 
 from gd.data import shards, storage
-from gd.rng import hash_uniform
+from gd.data.validate_shards import cached_stream, validate_shard_set
 from gd.diffusion.plan import check_groups
+from gd.rng import hash_uniform
 
 
 def check_dataset(root: str) -> dict:
-    """Fail fast (before any streaming machinery starts) when the endpoint, bucket or shards are missing.
+    """Fail fast (before any streaming machinery starts) when the endpoint, bucket or shards are missing, or when
+    meta.json / index.json are not a shard set gd wrote (gd.data.validate_shards).
 
-    Returns meta.json. Raises ConnectionError (endpoint/bucket) or FileNotFoundError (shards)."""
+    Returns meta.json. Raises ConnectionError (endpoint/bucket), FileNotFoundError (shards) or ShardSetError."""
     client = None
     if storage.is_remote(root):
         client = storage.s3_client()
@@ -37,10 +39,10 @@ def check_dataset(root: str) -> dict:
         try:
             found = storage.exists(url, client)
         except Exception as exc:
-            raise ConnectionError(storage.describe_s3_error(exc, url)) from exc
+            raise ConnectionError(storage.describe_s3_error(exc, url)) from storage.redacted(exc)
         if not found:
             raise FileNotFoundError(f"no shards at {root}: {url} is missing; {hint}")
-    return storage.read_json(storage.join(root, "meta.json"), client)
+    return validate_shard_set(root, client=client)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -131,7 +133,7 @@ def build_loaders(data_cfg: Mapping | Any, *, group_size: int, micro_batch: int,
             cache = _get(data_cfg, "cache")
             if not cache:
                 raise ValueError(f"data.cache (local cache directory) is required for remote root {root}")
-            return {"remote": storage.join(root, stream), "local": str(Path(cache) / meta["build_id"] / stream)}
+            return {"remote": storage.join(root, stream), "local": cached_stream(cache, root, stream, meta)}
         return {"remote": None, "local": str(Path(root) / stream)}
 
     n_groups = micro_batch // group_size

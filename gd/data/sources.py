@@ -3,11 +3,17 @@
 Every source is indexable by a stable dataset id (its position in a sorted listing), so that a build split over
 ranks or resumed after a crash assigns the same id to the same image. `read(i)` never raises on a bad file: it
 returns `None` and the reason, and the builder lists the skipped files in meta.json.
+
+Image files are untrusted input: a few-KB PNG can declare 10**10 pixels. The size in the header is checked before
+anything is decoded, against :func:`default_max_pixels` (what an ADM crop of ``image_size`` can use, or
+``sources.folder.max_pixels``), and PIL's ``DecompressionBombWarning`` is a skip too, not a warning after which the
+whole image is decoded anyway. PIL's process-wide ``Image.MAX_IMAGE_PIXELS`` is left as it is.
 """
 from __future__ import annotations
 
 import gzip
 import struct
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -62,13 +68,30 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def load_image(path: str | Path, image_size: int) -> tuple[np.ndarray | None, str]:
-    """Decode, convert to RGB and center-crop one file; (None, reason) when it cannot be decoded."""
+def default_max_pixels(image_size: int) -> int:
+    """The largest image (width x height) decoded for an ADM crop of ``image_size``: (32 * image_size)**2, at least
+    4096**2. The crop box-halves anything over twice the crop size, so beyond 32x per side (five halvings) almost
+    every decoded pixel is thrown away; 4096**2 keeps ordinary photographs at small crop sizes."""
+    return max(4096 * 4096, (32 * int(image_size)) ** 2)
+
+
+def load_image(path: str | Path, image_size: int, max_pixels: int | None = None) -> tuple[np.ndarray | None, str]:
+    """Decode, convert to RGB and center-crop one file; (None, reason) when it cannot be decoded or declares more than
+    ``max_pixels`` (default :func:`default_max_pixels`) pixels, checked from the header before decoding."""
+    limit = default_max_pixels(image_size) if max_pixels is None else int(max_pixels)
     try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = to_rgb(img)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > limit:
+                    return None, (f"image of {width}x{height} = {width * height} pixels exceeds the limit of {limit} "
+                                  f"for a {image_size}px crop (decompression bomb?); sources.folder.max_pixels "
+                                  f"raises it")
+                img.load()
+                rgb = to_rgb(img)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
         return None, f"{type(exc).__name__}: {exc}"
     if min(rgb.size) < 1:
         return None, f"empty image {rgb.size}"
@@ -78,8 +101,10 @@ def load_image(path: str | Path, image_size: int) -> tuple[np.ndarray | None, st
 class ImageFolderSource:
     """ImageNet-style tree `<root>/<class name>/<image>`; labels are the sorted class-folder positions."""
 
-    def __init__(self, root: str | Path, image_size: int, limit: int | None = None) -> None:
+    def __init__(self, root: str | Path, image_size: int, limit: int | None = None,
+                 max_pixels: int | None = None) -> None:
         self.root = Path(root)
+        self.max_pixels = max_pixels
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder root {self.root} does not exist: expected <root>/<class>/<image>")
         self.class_names = sorted(p.name for p in self.root.iterdir() if p.is_dir())
@@ -99,7 +124,7 @@ class ImageFolderSource:
 
     def read(self, index: int) -> tuple[np.ndarray | None, int, str]:
         path, label = self.files[index]
-        arr, msg = load_image(path, self.image_size)
+        arr, msg = load_image(path, self.image_size, self.max_pixels)
         return arr, label, (path if arr is not None else f"{path}: {msg}")
 
 
@@ -151,11 +176,11 @@ class FashionMNISTSource:
 
 
 def build_source(name: str, *, image_size: int, limit: int | None = None, **kw) -> Source:
-    """`name` is "fashion_mnist" (kw: root, split) or "folder" (kw: root)."""
+    """`name` is "fashion_mnist" (kw: root, split) or "folder" (kw: root, optional max_pixels)."""
     if name == "fashion_mnist":
         return FashionMNISTSource(image_size=image_size, limit=limit, **kw)
     if name == "folder":
         if not kw.get("root"):
             raise ValueError("source=folder needs sources.folder.root=<class-folder tree>")
-        return ImageFolderSource(kw["root"], image_size, limit=limit)
+        return ImageFolderSource(kw["root"], image_size, limit=limit, max_pixels=kw.get("max_pixels"))
     raise ValueError(f"unknown source {name!r}: expected 'fashion_mnist' or 'folder'")

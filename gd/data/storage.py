@@ -1,7 +1,8 @@
 """Tiny local-or-S3 file helpers with fail-fast errors.
 
 S3 goes through boto3 with `S3_ENDPOINT_URL` (any S3-compatible store) and the default credential chain
-(environment, ~/.aws/config, instance roles). Credentials are never read, printed or stored by this code.
+(environment, ~/.aws/config, instance roles). Credentials are never read, printed or stored by this code; an
+endpoint URL carrying ``user:password@`` is printed redacted (gd.secrets.redact), and so is every error message.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from gd.io import atomic_write_bytes
+from gd.secrets import redact
 
 
 def is_remote(url: str) -> bool:
@@ -41,11 +43,22 @@ def s3_client(connect_timeout: float = 5.0, attempts: int = 2):
 
 
 def endpoint_name() -> str:
-    return os.environ.get("S3_ENDPOINT_URL") or "AWS S3 (S3_ENDPOINT_URL unset)"
+    """S3_ENDPOINT_URL for messages, with any password in it redacted."""
+    return redact(os.environ.get("S3_ENDPOINT_URL") or "AWS S3 (S3_ENDPOINT_URL unset)")
 
 
 def describe_s3_error(exc: Exception, url: str) -> str:
-    """Turn a boto3 failure into a sentence saying what to fix (never includes credentials)."""
+    """Turn a boto3 failure into a sentence saying what to fix (credentials redacted, also from boto's text)."""
+    return redact(_describe_s3_error(exc, url))
+
+
+def redacted(exc: BaseException) -> RuntimeError:
+    """A stand-in for ``exc`` to chain (``raise ... from redacted(exc)``): botocore's messages quote the endpoint URL,
+    password included, and a chained original would print it in every traceback."""
+    return RuntimeError(redact(f"{type(exc).__name__}: {exc}"))
+
+
+def _describe_s3_error(exc: Exception, url: str) -> str:
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
     bucket, _ = split_s3(url)
     if isinstance(exc, EndpointConnectionError) or "Could not connect" in str(exc) or "Connect timeout" in str(exc):
@@ -71,7 +84,7 @@ def check_bucket(url: str, client=None) -> None:
     try:
         client.head_bucket(Bucket=bucket)
     except Exception as exc:
-        raise ConnectionError(describe_s3_error(exc, url)) from exc
+        raise ConnectionError(describe_s3_error(exc, url)) from redacted(exc)
 
 
 def exists(url: str, client=None) -> bool:

@@ -1,8 +1,8 @@
 """From a composed config to a running job: run directory, submitit executor, dry-run, following the job.
 
 Run directory (`run.dir`, one per run name; the trainer owns checkpoints/, metrics.jsonl, config.yaml, ema.pt):
-    launch.yaml          the composed config of the latest launch
-    launches.jsonl       one line per launch: time, cluster, job id, submitit folder
+    launch.yaml          the composed config of the latest launch (unresolved, credentials redacted)
+    launches.jsonl       one line per launch: time, cluster, job id, submitit folder, command line (redacted)
     hydra/launch.log     the launcher's log
     submitit/<stamp>/    a fresh submitit folder per launch: sbatch script, pickles, per-rank stdout/stderr
 Launching the same run name again reuses the directory; the trainer resumes from checkpoints/latest.
@@ -26,6 +26,7 @@ from gd.io import atomic_write_text
 from gd.launch.errors import LaunchError
 from gd.launch.job import RunJob
 from gd.launch.validate import is_url, tasks_per_node, validate, world_size
+from gd.secrets import redact_argv, redacted_yaml
 
 # What a checkpoint is tied to: relaunching a run name with another value here is refused (keys that exist in
 # only one of the two configs are ignored, so configs may grow new options between launches).
@@ -50,8 +51,9 @@ def launch(cfg: DictConfig) -> int:
     _check_resumable(cfg, run_dir)
     _check_not_running(cfg, run_dir)
     executor = make_executor(cfg, folder)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "launch.yaml", OmegaConf.to_yaml(cfg))
+    # Not group/other-writable whatever the umask: a resume refuses a run dir others could change.
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+    atomic_write_text(run_dir / "launch.yaml", redacted_yaml(cfg, resolve=False))
     job = _submit(executor, cfg)
     _append_launch(run_dir, cfg, job.job_id, folder)
     rank0 = job.task(0)
@@ -237,7 +239,7 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def _append_launch(run_dir: Path, cfg: DictConfig, job_id: str, folder: Path) -> None:
     record = dict(time=datetime.now(timezone.utc).isoformat(timespec="seconds"), cluster=cfg.cluster.kind,
-                  task=cfg.task, job_id=str(job_id), submitit=str(folder), argv=sys.argv[1:])
+                  task=cfg.task, job_id=str(job_id), submitit=str(folder), argv=redact_argv(sys.argv[1:]))
     with open(run_dir / "launches.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
 

@@ -1,29 +1,27 @@
-"""Checks that run before anything is submitted: cluster shape, batch arithmetic, data reachability.
+"""Checks that run before anything is submitted: cluster shape, batch arithmetic, data reachability and validity,
+credentials.
 
 Every problem found is reported at once, each naming the offending value and what was expected, so a bad
-config costs seconds at the terminal instead of a queue wait and a crash on the first step.
+config costs seconds at the terminal instead of a queue wait and a crash on the first step. Credentials are
+refused wherever they appear in the config (gd.secrets scans every string value; a finding names the key, never
+the value): a config is copied into launch.yaml, config.yaml, every checkpoint, the sbatch script and
+submitit's pickles.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from gd.launch.errors import LaunchError
+from gd.secrets import find_credentials, looks_like_credential, redact
 
 TASKS = ("train", "sample", "evaluate")
 CLUSTER_KINDS = ("local", "slurm")
-# Name fragments of environment variables that hold credentials (as gd.data.build.SECRET_WORDS for shard options;
-# not imported from there because that module pulls in torch and faiss).
-SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
-
-
-def looks_like_credential(name: str) -> bool:
-    """Whether an environment variable name is an AWS setting or contains a credential word."""
-    upper = str(name).upper()
-    return upper.startswith("AWS_") or any(word in upper for word in SECRET_WORDS)
+NO_CREDENTIALS = ("credentials never go in configs (they would be written into launch.yaml, config.yaml, every "
+                  "checkpoint and the job script); they come from the environment the job is submitted from or "
+                  "~/.aws")
 
 
 def tasks_per_node(cluster: DictConfig) -> int:
@@ -49,6 +47,9 @@ def validate(cfg: DictConfig) -> list[str]:
     if cfg.task not in TASKS:
         problems.append(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
     problems += _check_cluster(cfg.cluster, warnings)
+    found = find_credentials(cfg, names_checked_elsewhere=("cluster.env",))
+    if found:
+        problems.append("the config holds credentials: " + "; ".join(found) + f". {NO_CREDENTIALS}")
     if not problems and cfg.task == "train":
         problems += _check_batch(cfg)
         if cfg.launcher.check_data:
@@ -80,9 +81,7 @@ def _check_cluster(cluster: DictConfig, warnings: list[str]) -> list[str]:
                         "expected one task per GPU (leave tasks_per_node null)")
     secrets = sorted(str(k) for k in (cluster.get("env") or {}) if looks_like_credential(k))
     if secrets:
-        problems.append(f"cluster.env sets {', '.join(secrets)}: credentials never go in configs (they would be "
-                        "written into launch.yaml, config.yaml and every checkpoint); they come from the "
-                        "environment the job is submitted from or ~/.aws")
+        problems.append(f"cluster.env sets {', '.join(secrets)}: {NO_CREDENTIALS}")
     if cluster.kind == "local" and cluster.nodes != 1:
         problems.append(f"cluster.nodes={cluster.nodes}: +cluster=local runs on this machine only (nodes=1)")
     if cluster.kind == "slurm":
@@ -138,7 +137,7 @@ def _check_sampling(cfg: DictConfig) -> list[str]:
 
 def _check_data(cfg: DictConfig) -> list[str]:
     root = str(cfg.data.root)
-    parts = ["plain"] + (["group"] if cfg.diffusion.mode != "none" else [])
+    parts = ["plain", "group"]  # the trainer reads both streams (check_dataset), whatever the mode
     build = ("build it with tools/build_shards.py (see the experiment file's header), or set data.root=... "
              "(or launcher.check_data=false to skip this check)")
     if is_url(root):
@@ -148,21 +147,28 @@ def _check_data(cfg: DictConfig) -> list[str]:
             error = _s3_missing(f"{root.rstrip('/')}/{part}/index.json")
             if error:
                 return [f"data.root={root}: {error}; {build}"]
-        return []
-    path = Path(root)
-    if not path.is_dir():
-        return [f"data.root={root} does not exist; {build}"]
-    missing = [f"{part}/index.json" for part in parts if not (path / part / "index.json").is_file()]
-    if missing:
-        return [f"data.root={root} has no {' or '.join(missing)} (not a complete shard set); {build}"]
-    return _check_meta(cfg, path / "meta.json")
+        if _s3_missing(f"{root.rstrip('/')}/meta.json"):
+            return []
+    else:
+        path = Path(root)
+        if not path.is_dir():
+            return [f"data.root={root} does not exist; {build}"]
+        missing = [f"{part}/index.json" for part in parts if not (path / part / "index.json").is_file()]
+        if missing:
+            return [f"data.root={root} has no {' or '.join(missing)} (not a complete shard set); {build}"]
+        if not (path / "meta.json").is_file():
+            return []
+    from gd.data.validate_shards import ShardSetError, validate_shard_set
+
+    try:  # the same checks the trainer's loaders run: names inside the folder, our columns, sane counts
+        meta = validate_shard_set(root, streams=tuple(parts))
+    except ShardSetError as err:
+        return [f"data.root={root}: {err}"]
+    return _check_meta(cfg, meta)
 
 
-def _check_meta(cfg: DictConfig, meta_path: Path) -> list[str]:
+def _check_meta(cfg: DictConfig, meta: dict) -> list[str]:
     """The shards' latent shape, class count and largest group (meta.json) against the model and N."""
-    if not meta_path.is_file():
-        return []
-    meta = json.loads(meta_path.read_text())
     root, model, n = cfg.data.root, cfg.model, cfg.diffusion.group_size
     problems = []
     shape = meta.get("latent_shape")
@@ -183,7 +189,8 @@ def _check_meta(cfg: DictConfig, meta_path: Path) -> list[str]:
 
 
 def _s3_missing(url: str) -> str | None:
-    """None when the object at `url` is reachable (S3_ENDPOINT_URL honoured), else why not."""
+    """None when the object at `url` is reachable (S3_ENDPOINT_URL honoured), else why not (credentials in the
+    endpoint URL redacted)."""
     import boto3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
@@ -196,5 +203,5 @@ def _s3_missing(url: str) -> str | None:
     except ClientError as err:
         return f"{url} not found ({err.response.get('Error', {}).get('Code', err)})"
     except BotoCoreError as err:
-        return f"{url} not reachable ({err}; S3_ENDPOINT_URL={os.environ.get('S3_ENDPOINT_URL')!r})"
+        return redact(f"{url} not reachable ({err}; S3_ENDPOINT_URL={os.environ.get('S3_ENDPOINT_URL')!r})")
     return None

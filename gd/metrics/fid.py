@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gd.io import atomic_save_npy
+from gd.io import atomic_save_npy, private_dir
 from gd.metrics.inception import InceptionExtractor
 
 
@@ -120,9 +120,11 @@ def _cache_path(cache_dir: Path, target: Path, extractor: InceptionExtractor, ex
 
 
 def _cached(cache_dir: Path | None, target: Path, extractor: InceptionExtractor, compute, extra: str = ""):
+    """Reference features from ``cache_dir`` (a private directory: a planted ``ref_*.npy`` would become the
+    reference of every FID computed with it), else computed and stored there."""
     if cache_dir is None:
         return compute()
-    path = _cache_path(Path(cache_dir), target, extractor, extra)
+    path = _cache_path(private_dir(cache_dir), target, extractor, extra)
     if path.is_file():
         return np.load(path)
     feats = compute()

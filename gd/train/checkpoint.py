@@ -16,14 +16,24 @@ renames it to ``step_XXXXXXXX``, fsyncs ``checkpoints/`` and replaces ``latest``
 The consolidated EMA is gathered to rank 0 only. A write interrupted at any
 point therefore leaves ``latest`` naming the previous complete checkpoint; leftover temp directories are removed
 by the next save or resume.
+
+A checkpoint is untrusted input: whoever can write ``<run.dir>/checkpoints/`` would otherwise run code on every
+rank at the next launch (and a SLURM requeue relaunches by itself). So every file is read with
+``torch.load(weights_only=True)``: RNG and loader states are stored as tensors and plain types, and DeepSpeed's
+engine files go through :class:`WeightsOnlyCheckpointEngine`, which allows only the three DeepSpeed classes its
+ZeRO optimizer states hold (:data:`DEEPSPEED_GLOBALS`). Before resuming, the run directory and everything the
+checkpoint holds must be owned by this user (or root) and not writable by the group or others
+(:func:`check_trusted`); saving removes group/other write permission from what it writes.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +42,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from gd.io import atomic_write_text, fsync_dir, fsync_tree
+from gd.io import atomic_write_text, fsync_dir, fsync_tree, untrusted_reason
+from gd.secrets import redacted_yaml
 from gd.train.ema import ShardedEMA
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -43,24 +54,141 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint that belongs to a different model (or world layout) than the current run."""
 
 
+class UntrustedCheckpointError(RuntimeError):
+    """A checkpoint that others could have written, or that holds objects a weights-only load does not allow."""
+
+
+# What DeepSpeed 0.19's ZeRO-1/2/3 optimizer states pickle besides tensors and containers (fp32 and bf16; found with
+# torch.serialization.get_unsafe_globals_in_checkpoint, guarded by tests/train/test_checkpoint_trust.py).
+DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+                     "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def _deepspeed_globals() -> list[Any]:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: str | os.PathLike, allowed: list[Any] | None = None, **kwargs: Any) -> Any:
+    """``torch.load(weights_only=True)`` with ``allowed`` classes; a refused object becomes an
+    :class:`UntrustedCheckpointError` naming the file and what it held."""
+    try:
+        with torch.serialization.safe_globals(list(allowed or [])):
+            return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as err:
+        said = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed global|\n|$)", str(err))
+        raise UntrustedCheckpointError(
+            f"refusing to load {path}: it holds objects outside the weights-only allow-list (tensors, containers, "
+            f"plain types, {', '.join(DEEPSPEED_GLOBALS)}), so it was not written by this trainer or was tampered "
+            f"with ({said.group(1) if said else str(err).splitlines()[0]})") from err
+
+
+def weights_only_engine(config_params: Any = None) -> Any:
+    """A DeepSpeed checkpoint engine that saves like DeepSpeed's ``TorchCheckpointEngine`` and loads every file
+    with ``weights_only=True`` (:data:`DEEPSPEED_GLOBALS` allowed); DeepSpeed's own loads with weights_only=False."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return load_weights_only(path, _deepspeed_globals(), map_location=map_location)
+
+    return WeightsOnlyCheckpointEngine(config_params)
+
+
+def use_weights_only_engine(engine: Any) -> None:
+    """Swap the engine's checkpoint engine for :func:`weights_only_engine` (refusing the loaders we cannot make
+    safe: DeepSpeed's universal checkpoints and its other checkpoint engines read files with weights_only=False)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if getattr(engine, "load_universal_checkpoint", lambda: False)():
+        raise UntrustedCheckpointError("DeepSpeed universal checkpoints (checkpoint.load_universal) unpickle their "
+                                       "files without weights_only; remove it from train.deepspeed")
+    current = engine.checkpoint_engine
+    if type(current).__name__ == "WeightsOnlyCheckpointEngine":
+        return
+    if type(current) is not TorchCheckpointEngine:
+        raise UntrustedCheckpointError(f"DeepSpeed checkpoint engine {type(current).__name__} is not supported: "
+                                       "only the default torch engine can be made to load weights-only (remove "
+                                       "checkpoint.writer / datastates from train.deepspeed)")
+    safe = weights_only_engine(getattr(engine, "_config", None))
+    safe.zipfile_serialization = current.zipfile_serialization
+    engine.checkpoint_engine = safe
+
+
+def check_trusted(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> None:
+    """Refuse to resume from files someone else could have written: ``run_dir``, ``checkpoints/``, ``latest`` and
+    every directory and file under ``checkpoint`` must be plain (no symlinks), owned by this user or root and not
+    writable by the group or others. Raises :class:`UntrustedCheckpointError` naming each bad path and its mode."""
+    run_dir = Path(run_dir)
+    paths = [run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "latest"]
+    if checkpoint is not None:
+        paths.append(Path(checkpoint))
+        for root, dirs, files in os.walk(checkpoint):
+            paths += [Path(root, name) for name in (*dirs, *files)]
+    problems = [reason for p in paths if os.path.lexists(p) and (reason := untrusted_reason(p))]
+    if problems:
+        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise UntrustedCheckpointError(
+            f"refusing to resume run {run_dir}: resuming loads and runs what the checkpoint holds, and these paths "
+            f"could have been written by someone else:\n  {shown}")
+
+
+def _drop_group_other_write(path: Path, recursive: bool = True) -> None:
+    """Remove group/other write permission from ``path`` (and everything under it): under a umask of 002 our own
+    checkpoints would otherwise be refused by :func:`check_trusted`."""
+    for p in (path, *(path.rglob("*") if recursive else ())):
+        st = os.lstat(p)
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022 and st.st_uid == os.geteuid():
+            os.chmod(p, stat.S_IMODE(st.st_mode) & ~0o022)
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state of this process as tensors and plain types (loadable with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [int(version), [int(v) for v in internal], gauss],
+             "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
+                         float(n["cached_gaussian"])))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def plain_state(obj: Any, where: str = "state") -> Any:
+    """``obj`` with numpy scalars/arrays as Python numbers/tensors; anything a weights-only load would refuse
+    raises here, when the checkpoint is written, instead of when a resume tries to read it."""
+    if isinstance(obj, dict):
+        return {k: plain_state(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain_state(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor)):
+        return obj
+    raise TypeError(f"{where} is a {type(obj).__name__}: checkpoint state must be tensors and plain types so that "
+                    "it loads with weights_only=True")
 
 
 def model_signature(model_cfg: Any) -> dict[str, Any]:
@@ -82,15 +210,18 @@ class CheckpointManager:
 
     # ---- discovery -------------------------------------------------------------------------------------
     def latest(self) -> Path | None:
-        """The complete checkpoint ``latest`` names, or None for a fresh run."""
+        """The complete checkpoint ``latest`` names, or None for a fresh run; refused (before anything is read
+        from it) when someone else could have written it (:func:`check_trusted`)."""
         pointer = self.dir / "latest"
         if not pointer.is_file():
             return None
+        check_trusted(self.dir.parent)
         name = pointer.read_text().strip()
         path = self.dir / name
         if not STEP_DIR.match(name) or not (path / "meta.json").is_file():
             raise CheckpointMismatchError(f"{pointer} names {name!r}, which is not a complete checkpoint "
                                           f"directory under {self.dir}")
+        check_trusted(self.dir.parent, path)
         return path
 
     def steps(self) -> list[Path]:
@@ -117,18 +248,23 @@ class CheckpointManager:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
+            _drop_group_other_write(self.dir, recursive=False)
         _barrier()
+        use_weights_only_engine(engine)
         engine.save_checkpoint(str(tmp), tag="engine", save_latest=False)
         if fault_hook:
             fault_hook("engine_saved")
         ema_state = ema.full_state()  # rank 0 only; None elsewhere
-        torch.save({"loaders": {k: v.state_dict() for k, v in loaders.items()}, "rng": rng_state()},
-                   tmp / f"rank_{self.rank:05d}.pt")
+        own = {"loaders": {k: v.state_dict() for k, v in loaders.items()}, "rng": rng_state()}
+        torch.save(plain_state(own), tmp / f"rank_{self.rank:05d}.pt")
         if self.rank == 0:
             torch.save(ema_state, tmp / "ema.pt")
-            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            (tmp / "config.yaml").write_text(redacted_yaml(cfg))
             (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": self.world}, indent=1))
         del ema_state
+        _barrier()
+        if self.rank == 0:
+            _drop_group_other_write(tmp)
         _barrier()
         fsync_tree(tmp)
         _barrier()
@@ -165,15 +301,17 @@ class CheckpointManager:
         return meta
 
     def load(self, path: Path, engine: Any, ema: ShardedEMA, loaders: dict[str, Any]) -> None:
-        """Restore engine, EMA, loaders and RNG from ``path`` (collective)."""
+        """Restore engine, EMA, loaders and RNG from ``path`` (collective); every file is read weights-only."""
+        check_trusted(self.dir.parent, path)
+        use_weights_only_engine(engine)
         load_path, _ = engine.load_checkpoint(str(path), tag="engine", load_optimizer_states=True,
                                               load_lr_scheduler_states=True, load_module_strict=True)
         if load_path is None:
             raise CheckpointMismatchError(f"DeepSpeed found no engine state under {path / 'engine'}")
         ema.refresh()
         # Memory-mapped: each rank reads only its own slices, not a whole CPU copy of the EMA.
-        ema.load_full_state(torch.load(path / "ema.pt", map_location="cpu", weights_only=True, mmap=True))
-        own = torch.load(path / f"rank_{self.rank:05d}.pt", map_location="cpu", weights_only=False)
+        ema.load_full_state(load_weights_only(path / "ema.pt", map_location="cpu", mmap=True))
+        own = load_weights_only(path / f"rank_{self.rank:05d}.pt", map_location="cpu")
         for key, loader in loaders.items():
             loader.load_state_dict(own["loaders"][key])
         set_rng_state(own["rng"])

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from gd.diffusion.objective import group_loss
 from gd.diffusion.plan import BatchPlan, StepPlan
 from gd.io import atomic_write_text
+from gd.secrets import redacted_yaml
 from gd.train import engine as eng
 from gd.train.callbacks import Callback, CallbackList
 from gd.train.checkpoint import Checkpointer, export_ema, model_signature
@@ -246,8 +247,8 @@ class Trainer:
         """Run directory, then the checkpoint to resume from; returns the first step to run."""
         d = self.dist
         if d.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+            self.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)  # resume refuses a dir others can write
+            atomic_write_text(self.run_dir / "config.yaml", redacted_yaml(self.cfg))
         self.checkpointer.manager.clean_partial()
         if self.resume_from is None:
             return 0
