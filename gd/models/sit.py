@@ -260,10 +260,12 @@ class SiT(nn.Module):
             return group_size, None
         return (group_size, mask) if any_in else (1, None)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, group_size: int = 1) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, group_size: int = 1, *, full_output: bool = False) -> Tensor:
         """Velocity for x (G*N, C, H, W) group-major at times t (G*N,) in [0, 1] (t=0 noise) with labels y.
 
         Returns x's shape and dtype (the first C output channels when learn_sigma, as the official SiT does).
+        ``full_output=True`` returns all ``out_channels`` (2C when learn_sigma): what a DiT/DDPM model needs, its
+        last C channels being the learned variance (then t is a DDPM timestep index, see gd.diffusion.ddpm).
         """
         self._check_inputs(x, t, y, group_size)
         b = x.shape[0]
@@ -285,7 +287,7 @@ class SiT(nn.Module):
             else:
                 h = block(h, c, bn, bmask)
         out = self.unpatchify(self.final_layer(h, c))
-        if self.learn_sigma:
+        if self.learn_sigma and not full_output:
             out = out[:, : self.in_channels]
         return out.to(x.dtype)
 
