@@ -205,10 +205,9 @@ def test_hybrid_loss_matches_hand_computation() -> None:
     v = torch.rand(b, c, 2, 2, generator=gen, dtype=F64) * 2 - 1
     terms = hybrid_terms(d, torch.cat([eps, v], 1), x0, x_t, t, noise)
     for i, s in enumerate(t.tolist()):
-        mse, vb = _hand_terms(x0[i].numpy(), x_t[i].float().double().numpy(), s, noise[i].numpy(),
-                              eps[i].float().double().numpy(), v[i].float().double().numpy())
-        assert terms.mse[i].item() == pytest.approx(mse, rel=1e-5)
-        assert terms.vb[i].item() == pytest.approx(vb, rel=2e-4, abs=1e-6), s
+        mse, vb = _hand_terms(x0[i].numpy(), x_t[i].numpy(), s, noise[i].numpy(), eps[i].numpy(), v[i].numpy())
+        assert terms.mse[i].item() == pytest.approx(mse, rel=1e-12)
+        assert terms.vb[i].item() == pytest.approx(vb, rel=1e-8, abs=1e-12), s
     torch.testing.assert_close(terms.loss, terms.mse + terms.vb)
     assert terms.vb[0] > 1.0 > terms.vb[1:].max()  # the t = 0 decoder term is the large one here
 
@@ -329,6 +328,8 @@ def test_bad_inputs_are_refused_with_the_value() -> None:
         group_timesteps(2, 2, T, spread=1.5)
     with pytest.raises(ValueError, match="schedule"):
         build_ddpm(schedule="cosine")
+    with pytest.raises(ValueError, match="keeps 1 step"):
+        build_ddpm(respacing="1")
     with pytest.raises(TypeError):
         build_ddpm(num_steps=10)
     with pytest.raises(ValueError, match="cfg_interval"):
@@ -522,8 +523,9 @@ def test_groupdiff_l_and_f_group_sizes_per_branch() -> None:
 
 def test_tiny_dit_overfits_with_the_hybrid_loss() -> None:
     """A tiny DiT-shaped SiT (learn_sigma, 2C output through full_output) trained with the hybrid group loss on
-    8 latents under a fixed pool of (t, noise) draws cuts its loss by more than 5x in 300 CPU steps, and both
-    the ε and the VB parts fall. Catches a loss that does not reach the model's ε or variance outputs."""
+    8 latents under a fixed pool of (t, noise) draws cuts its loss by more than 20x in 100 CPU steps (measured:
+    0.957 -> 0.010, the VB part 8.5e-3 -> 8.3e-5; ~2 s on one core), and both parts fall. Catches a loss that
+    does not reach the model's ε or variance outputs."""
     models = pytest.importorskip("gd.models")
     torch.manual_seed(0)
     sit = models.build_model("SiT-S/2", depth=2, hidden_size=64, num_heads=4, input_size=8, in_channels=4,
@@ -542,13 +544,13 @@ def test_tiny_dit_overfits_with_the_hybrid_loss() -> None:
             return group_loss(d, model, x0, y, 4, t=pool[0][0], noise=pool[0][1])
 
     first, first_terms = evaluate()
-    for step in range(300):
+    for step in range(100):
         t, noise = pool[step % 3]
         loss, _ = group_loss(d, model, x0, y, 4, t=t, noise=noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     last, last_terms = evaluate()
-    assert last < first / 5, (first.item(), last.item())
-    assert last_terms.mse.mean() < first_terms.mse.mean() / 5
-    assert last_terms.vb.mean() < first_terms.vb.mean()
+    assert last < first / 20, (first.item(), last.item())
+    assert last_terms.mse.mean() < first_terms.mse.mean() / 20
+    assert last_terms.vb.mean() < first_terms.vb.mean() / 5

@@ -59,7 +59,7 @@ def group_timesteps(num_groups: int, group_size: int, num_timesteps: int, *, spr
 
 @dataclass
 class LossTerms:
-    """Per-image terms (B,), float32: loss = mse + vb (vb is zero for a fixed variance)."""
+    """Per-image terms (B,), in float32 at least: loss = mse + vb (vb is zero for a fixed variance)."""
 
     loss: Tensor
     mse: Tensor
@@ -85,8 +85,9 @@ def hybrid_terms(diffusion: GaussianDiffusion, output: Tensor, x0: Tensor, x_t: 
                  noise: Tensor) -> LossTerms:
     """IDDPM's hybrid loss from a model output at x_t: MSE on ε, plus (learned variance) the VLB term with the
     ε half detached, so the bound trains only the variance channels. t: this diffusion's indices."""
-    x0, x_t, noise = x0.float(), x_t.float(), noise.float()
-    eps, v = diffusion.split_output(output.float(), x_t)
+    dtype = torch.promote_types(x0.dtype, torch.float32)
+    x0, x_t, noise = x0.to(dtype), x_t.to(dtype), noise.to(dtype)
+    eps, v = diffusion.split_output(output.to(dtype), x_t)
     mse = _mean_flat((noise - eps) ** 2)
     if v is None:
         return LossTerms(mse, mse, torch.zeros_like(mse))

@@ -224,6 +224,8 @@ class GaussianDiffusion:
         if spec is None or spec == "":
             return self
         kept = torch.tensor(space_timesteps(self.num_timesteps, spec), dtype=torch.long)
+        if kept.numel() < 2:
+            raise ValueError(f"respacing {spec!r} keeps {kept.numel()} step; a diffusion needs >= 2")
         ac = self.alphas_cumprod[kept]
         prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
         return GaussianDiffusion(1.0 - ac / prev, variance=self.variance, timestep_map=self.timestep_map[kept],
