@@ -284,12 +284,15 @@ class SiT(nn.Module):
             keys = torch.rand(groups, self.max_group_size, generator=generator, device=generator.device)
         return keys.argsort(dim=1)[:, :group_size].reshape(-1).to(device if device is not None else keys.device)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, group_size: int = 1, slots: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, group_size: int = 1, slots: Tensor | None = None, *,
+                full_output: bool = False) -> Tensor:
         """Velocity for x (G*N, C, H, W) group-major at times t (G*N,) in [0, 1] (t=0 noise) with labels y.
 
         ``slots`` (G*N,) long: the sample-embedding slots in "cond" mode (random when None, see the module
         docstring; ignored in the other modes). Returns x's shape and dtype (the first C output channels when
-        learn_sigma, as the official SiT does).
+        learn_sigma, as the official SiT does). ``full_output=True`` returns all ``out_channels`` (2C when
+        learn_sigma): what a DiT/DDPM model needs, its last C channels being the learned variance (then t is a DDPM
+        timestep index, see gd.diffusion.ddpm).
         """
         self._check_inputs(x, t, y, group_size)
         b = x.shape[0]
@@ -317,7 +320,7 @@ class SiT(nn.Module):
             else:
                 h = block(h, c, bn, bmask)
         out = self.unpatchify(self.final_layer(h, c))
-        if self.learn_sigma:
+        if self.learn_sigma and not full_output:
             out = out[:, : self.in_channels]
         return out.to(x.dtype)
 

@@ -40,6 +40,21 @@ def test_group_attention_equals_per_group_concatenation(backend):
     _check(model, *inputs(6), n=3)
 
 
+def test_full_output_returns_the_variance_channels_too():
+    """DiT's DDPM sampler needs all 2C output channels: catches a hook that drops or reorders the variance half,
+    and a change of the default (first C channels, the official SiT velocity)."""
+    model = tiny(learn_sigma=True)
+    x, t, y = inputs(4)
+    t = t * 999  # a DDPM timestep index, as the DiT objective feeds it
+    ref = reference_forward(model.state_dict(), {**_cfg(model), "learn_sigma": False}, x, t, y, 2)
+    full = model.double()(x.double(), t.double(), y, group_size=2, full_output=True)
+    assert full.shape == (4, 8, 8, 8)
+    torch.testing.assert_close(full, ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(model(x.double(), t.double(), y, group_size=2), ref[:, :4], rtol=1e-9, atol=1e-9)
+    plain = tiny(learn_sigma=False).double()
+    assert plain(x.double(), t.double(), y, full_output=True).shape == x.shape
+
+
 def test_group_size_1_equals_independent_forwards():
     model = tiny().double()
     x, t, y = inputs(4, dtype=torch.float64)
