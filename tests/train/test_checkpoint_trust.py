@@ -134,7 +134,8 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
 
 def _engine(stage: int, precision: str, seed: int):
     from gd.models import build_model
-    from gd.train.engine import batch_layout, build_engine, init_distributed
+    from gd.diffusion.plan import batch_layout
+    from gd.train.engine import build_engine, init_distributed
 
     d = init_distributed()
     torch.manual_seed(seed)
