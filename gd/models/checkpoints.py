@@ -42,7 +42,7 @@ from torch import Tensor
 
 from gd.io import atomic_torch_save
 from gd.models.attention import BACKENDS
-from gd.models.sit import BUILD_KEYS, SiT, build_model
+from gd.models.sit import BUILD_KEYS, EMBED_MODES, SiT, build_model
 
 FORMAT = "gd.sit/1"
 OPTIONAL_KEYS = ("sample_embed",)
@@ -69,7 +69,7 @@ CONFIG_BOUNDS: dict[str, tuple[float, float]] = {
     "hidden_size": (4, 16384), "depth": (1, 256), "num_heads": (1, 256), "mlp_ratio": (0.25, 64.0),
     "class_dropout_prob": (0.0, 1.0),
 }
-_BOOL_KEYS = ("learn_sigma", "sample_embed", "grad_checkpointing")
+_BOOL_KEYS = ("learn_sigma", "grad_checkpointing")
 
 
 class CheckpointError(RuntimeError):
@@ -97,6 +97,9 @@ def check_model_config(config: Any, source: str = "checkpoint") -> None:
     for key in _BOOL_KEYS:
         if key in config and not isinstance(config[key], bool):
             problems.append(f"{key}={config[key]!r}: expected true or false")
+    embed = config.get("sample_embed", "cond")
+    if not isinstance(embed, bool) and embed not in EMBED_MODES:  # booleans: exports written before the modes
+        problems.append(f"sample_embed={embed!r}: expected one of {EMBED_MODES} (or true/false)")
     if "attn_backend" in config and config["attn_backend"] not in BACKENDS:
         problems.append(f"attn_backend={config['attn_backend']!r}: expected one of {BACKENDS}")
     for key, kind in (("group_layers", int), ("group_t_window", (int, float))):
