@@ -1,8 +1,10 @@
-"""slurm/start.sh: the session cluster is up with this machine's CPUs, and starting it again changes nothing."""
+"""slurm/start.sh: the session cluster is up with this machine's CPUs, and starting it again changes nothing; the
+two-node cluster gives each node its own /tmp and /dev/shm."""
 from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +30,16 @@ def test_start_is_idempotent(slurm_cluster: SlurmCluster) -> None:
     srun = subprocess.run(["srun", "-n1", "echo", "ok"], env=slurm_cluster.env(), capture_output=True, text=True,
                           timeout=60, check=True)
     assert srun.stdout.strip() == "ok"
+
+
+def test_two_nodes_each_have_their_own_tmp_and_shm(slurm_two_nodes: SlurmCluster) -> None:
+    """What makes the two-node tests mean something: one task per node, and a file one node's task writes into /tmp
+    or /dev/shm is not there for the other's (nor for this machine)."""
+    script = ("touch /tmp/gd-node-$SLURM_NODEID /dev/shm/gd-node-$SLURM_NODEID; sleep 2; "
+              "echo $SLURM_NODEID $SLURMD_NODENAME $(ls /tmp /dev/shm | grep -c gd-node)")
+    out = subprocess.run(["srun", "-N2", "-n2", "bash", "-c", script], env=slurm_two_nodes.env(),
+                         capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
+    rows = sorted(line.split() for line in out)
+    assert [r[0] for r in rows] == ["0", "1"] and sorted(r[1] for r in rows) == list(slurm_two_nodes.nodes), out
+    assert [r[2] for r in rows] == ["2", "2"], f"a node sees the other node's files: {out}"
+    assert not list(Path("/tmp").glob("gd-node-*")) and not list(Path("/dev/shm").glob("gd-node-*"))

@@ -101,3 +101,48 @@ def test_stop_signals_only_this_clusters_daemons(tmp_path):
     finally:
         victim.send_signal(signal.SIGKILL)
         victim.wait()
+
+
+def _two_nodes(name: str, state: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GD_SLURM_NODES": "2", "GD_SLURM_CTLD_PORT": "1", "GD_SLURM_SLURMD_PORTS": "2 3", **env}
+    return subprocess.run(["bash", str(REPO / "slurm" / name), str(state)], env=env, capture_output=True, text=True,
+                          timeout=60, check=False, cwd=tmp_path)
+
+
+def test_two_nodes_refuse_a_state_dir_under_tmp(tmp_path, stop_after):
+    """Fails without the check: each node mounts its own /tmp over the machine's, so slurmd would write its pid and
+    log files where start.sh (and stop.sh) never see them, and the daemons could not be told apart from others."""
+    state = tmp_path / "gd-slurm"
+    stop_after.append(state)
+    out = _two_nodes("start.sh", state, tmp_path)
+    assert out.returncode != 0 and f"state dir {state} is under /tmp or /dev/shm" in out.stderr
+    assert not state.exists(), "the state dir was created before the refusal"
+
+
+def test_two_nodes_refuse_node_names_that_do_not_resolve(tmp_path, stop_after):
+    """Fails without the check: the first node's name is every rank's MASTER_ADDR; one that does not resolve left
+    rank 1 retrying the rendezvous for 10 minutes (seen on this machine)."""
+    state = Path("/var/tmp") / f"gd-test-names-{os.getpid()}"
+    stop_after.append(state)
+    out = _two_nodes("start.sh", state, tmp_path, GD_SLURM_NODE_NAMES="gd-no-such-node-1 gd-no-such-node-2")
+    assert out.returncode != 0 and "node name 'gd-no-such-node-1' does not resolve" in out.stderr
+    assert not state.exists()
+
+
+def test_two_nodes_stop_signals_only_this_clusters_daemons(tmp_path):
+    """Fails if stop.sh trusted the per-node pid files (slurmd-<node>.pid) of the two-node layout: a planted one would
+    let it kill any process."""
+    state = tmp_path / "state"
+    (state / "run").mkdir(parents=True)
+    os.chmod(state, 0o700)
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        for name in ("slurmd-vm.pid", "slurmd-other.pid", "slurmctld.pid"):
+            (state / "run" / name).write_text(f"{victim.pid}\n")
+        out = _two_nodes("stop.sh", state, tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert victim.poll() is None, "stop.sh killed a process that is not its daemon"
+        assert out.stderr.count("names no slurmd of this cluster") == 2
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
