@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from gd.data import grouping, shards, storage
 from gd.data.embedders import build_embedder
 from gd.data.encoders import build_encoder
 from gd.data.sources import build_source
+from gd.device import local_device
 from gd.io import atomic_save_npy
 
 STAGES = ("read", "encode", "embed", "retrieve", "write")
@@ -254,8 +254,7 @@ class Builder:
             if embedder is None:
                 kw = dict(self.cfg.embedder_kw or {})
                 if self.cfg.embedder in ("clip", "dinov2") and kw.get("device", "auto") == "auto":
-                    kw["device"] = (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
-                                    else "cpu")
+                    kw["device"] = str(local_device("auto"))
                 embedder = build_embedder(self.cfg.embedder, num_classes=self.source.num_classes, **kw)
             images = self._images(c)
             labels, ids = self._load("read", "labels", c), self._load("read", "ids", c)

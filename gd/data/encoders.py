@@ -13,6 +13,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from gd.device import local_device
+
 SD_VAE_SCALE = 0.18215
 
 
@@ -111,9 +113,7 @@ class SDVAEEncoder:
         local, subfolder = _resolve_vae_dir(str(path), subfolder)
         from diffusers import AutoencoderKL
         self.vae = AutoencoderKL.from_pretrained(local, subfolder=subfolder, local_files_only=True)
-        if device == "auto":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = local_device(device)
         self.dtype = getattr(torch, dtype)
         self.vae.to(self.device, self.dtype).eval()
         self.scale = float(scale)

@@ -4,12 +4,15 @@
 sample); the group one serves group steps: each sample is an anchor plus N-1 of its K stored candidates, drawn by a
 generator seeded with (seed, epoch, sample index), so the groups are reproducible and survive a mid-epoch resume.
 Each rank sees distinct samples (streaming partitions by RANK/WORLD_SIZE or torch.distributed), and both loaders
-resume exactly from `state_dict()` / `load_state_dict()`. Remote roots are `s3://` (S3_ENDPOINT_URL honoured,
-credentials from the environment / AWS config only); shards are cached under `cache/<build_id>/` so a rebuilt
-dataset never reuses a stale cached index.
+resume exactly from `state_dict()` / `load_state_dict()`. Roots are a local folder or `s3://` (S3_ENDPOINT_URL
+honoured, credentials from the environment / AWS config only); either way shards are copied into and decompressed
+in the node-local `cache/<build_id>/`, so a rebuilt dataset never reuses a stale cached index and nodes sharing
+the root never write the same files.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -43,6 +46,48 @@ def check_dataset(root: str) -> dict:
         if not found:
             raise FileNotFoundError(f"no shards at {root}: {url} is missing; {hint}")
     return validate_shard_set(root, client=client)
+
+
+def clean_stale_streaming(cache: str | os.PathLike, shm_dir: str = "/dev/shm") -> list[str]:
+    """Remove what streaming left in this node's shared memory (and its /tmp file locks) for datasets cached under
+    ``cache``, by ranks that were killed (SIGKILL, a lost job step) before they could clean up; returns the names.
+
+    Streaming registers each dataset under the first free prefix ``NNNNNN_`` and refuses to start when a registered
+    prefix lists the same local folder with a remote ("Reused local directory"): a requeued job on the same node
+    would fail at its first batch. Unlike ``streaming.base.util.clean_stale_shared_memory``, which removes every
+    prefix, this removes only the prefixes whose folders lie under ``cache`` (this run's node-local cache, so another
+    job's live datasets on a shared node are left alone). Call it once per node (local rank 0) before any loader of
+    this run starts, and let the node's other ranks wait for it.
+    """
+    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, LOCALS, SHM_TO_CLEAN
+    from streaming.base.shared.prefix import _get_path, _unpack_locals
+
+    under = os.path.realpath(cache) + os.sep
+    removed: list[str] = []
+    locks = (BARRIER_FILELOCK, CACHE_FILELOCK)
+    for prefix in range(100_000):
+        registry = Path(shm_dir) / _get_path(prefix, LOCALS)
+        lock_files = [Path(tempfile.gettempdir()) / _get_path(prefix, name) for name in locks]
+        if not registry.exists():
+            if any(f.exists() for f in lock_files):
+                continue  # streaming skips such a prefix and looks further, and so do we
+            break
+        try:
+            folders, _ = _unpack_locals(registry.read_bytes())
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if not any(os.path.realpath(f).startswith(under) for f in folders if f):
+            continue
+        for name in SHM_TO_CLEAN:
+            path = Path(shm_dir) / _get_path(prefix, name)
+            if path.exists():
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+        for path in lock_files:
+            if path.exists():
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+    return removed
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -109,7 +154,11 @@ def build_loaders(data_cfg: Mapping | Any, *, group_size: int, micro_batch: int,
     Plain batch: {"latent": float32 (B,C,H,W), "label": long (B,), "id": long (B,)} with B = micro_batch.
     Group batch: {"latent": float32 (B//N,N,C,H,W), "label"/"id": long (B//N,N), "sim": float32 (B//N,N),
     "fallback": bool (B//N,)}, group-major, anchor first. data_cfg keys: root, cache, cache_limit, shuffle,
-    num_workers, and optionally flip, drop_last (default true), predownload, shuffle_block_size."""
+    num_workers, and optionally flip, drop_last (default true), predownload, shuffle_block_size,
+    num_canonical_nodes.
+
+    ``cache`` is where this node's ranks copy and decompress the shards of ``root`` (local or s3://): it must be
+    node-local (gd.train.nodes refuses one that several nodes share) and private (gd.io.private_dir)."""
     root = str(_get(data_cfg, "root"))
     check_groups(micro_batch, group_size, f"micro_batch={micro_batch}")
     world = World.detect()
@@ -125,16 +174,20 @@ def build_loaders(data_cfg: Mapping | Any, *, group_size: int, micro_batch: int,
         shuffle=bool(_get(data_cfg, "shuffle", True)), shuffle_seed=int(seed),
         cache_limit=_get(data_cfg, "cache_limit"), predownload=_get(data_cfg, "predownload"),
         shuffle_block_size=_get(data_cfg, "shuffle_block_size"), download_timeout=120,
+        num_canonical_nodes=_get(data_cfg, "num_canonical_nodes"),
     )
     flip = bool(_get(data_cfg, "flip", False)) and bool(meta.get("flip"))
 
+    cache = _get(data_cfg, "cache")
+    if not cache:
+        raise ValueError(f"data.cache is required (a node-local folder the shards of {root} are copied and "
+                         "decompressed into)")
+
     def locations(stream: str) -> dict[str, str | None]:
-        if storage.is_remote(root):
-            cache = _get(data_cfg, "cache")
-            if not cache:
-                raise ValueError(f"data.cache (local cache directory) is required for remote root {root}")
-            return {"remote": storage.join(root, stream), "local": cached_stream(cache, root, stream, meta)}
-        return {"remote": None, "local": str(Path(root) / stream)}
+        # A local root is a remote too: streaming decompresses zstd shards next to its `local` copy, and a folder
+        # several nodes mount (NFS, Lustre) would have every node writing the same files.
+        remote = storage.join(root, stream) if storage.is_remote(root) else str(Path(root).resolve() / stream)
+        return {"remote": remote, "local": cached_stream(cache, root, stream, meta)}
 
     n_groups = micro_batch // group_size
     plain = PlainDataset(seed=seed, flip=flip, batch_size=micro_batch, **locations("plain"), **common)

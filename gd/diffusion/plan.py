@@ -89,8 +89,10 @@ def batch_layout(train_cfg: Mapping[str, Any], world_size: int, group_size: int 
                       "a group step needs whole groups")
     elif world > gb // n:
         errors.append(f"{world} processes but train.global_batch={gb} holds only {gb // n} groups of "
-                      f"diffusion.group_size={n}: every process needs whole groups; use at most {gb // n} "
-                      "processes or a larger batch")
+                      f"diffusion.group_size={n}: every process needs whole groups, and a group is not split "
+                      f"across processes. Use at most {gb // n} processes (fewer nodes, or fewer tasks per node), "
+                      f"or raise train.global_batch to a multiple of {world * n} (which changes the recipe and its "
+                      "learning-rate tuning)")
     if gb % (mb * world):
         errors.append(f"train.global_batch={gb} is not divisible by train.micro_batch={mb} x world size {world} "
                       f"= {mb * world}: not a multiple of {world} processes x the micro batch, so gradient "

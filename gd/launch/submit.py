@@ -32,6 +32,9 @@ from gd.secrets import redact_argv, redacted_yaml
 # only one of the two configs are ignored, so configs may grow new options between launches).
 IDENTITY = ("seed", "model", "diffusion", "data.root", "train.zero_stage", "train.precision", "train.global_batch",
             "train.lr", "train.weight_decay", "train.betas", "train.grad_clip", "train.ema_decay")
+# A task that exits non-zero (an exception, a kill) ends the whole step at once instead of leaving the other ranks
+# blocked in their next collective; which failures requeue is in slurm/README.md ("Failures and requeueing").
+SRUN_ARGS = ("--kill-on-bad-exit=1",)
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                    "DEADLINE", "SPECIAL_EXIT")
 
@@ -89,7 +92,7 @@ def make_executor(cfg: DictConfig, folder: Path) -> submitit.AutoExecutor:
                       slurm_constraint=cluster.constraint, slurm_comment=cluster.comment,
                       slurm_exclusive=True if cluster.exclusive else None,
                       slurm_signal_delay_s=int(cluster.signal_delay_s),
-                      slurm_setup=list(cluster.setup) or None, slurm_srun_args=list(cluster.srun_args) or None,
+                      slurm_setup=list(cluster.setup) or None, slurm_srun_args=[*SRUN_ARGS, *cluster.srun_args],
                       slurm_additional_parameters=extra)
     try:
         executor.update_parameters(**params)

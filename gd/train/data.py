@@ -12,6 +12,7 @@ queues; the queued batches are part of the checkpoint, so a run stopped mid-bloc
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +20,9 @@ from typing import Any
 import torch
 
 from gd.diffusion.plan import BatchLayout
+from gd.train.nodes import Nodes
+
+log = logging.getLogger("gd.train")
 
 
 class _Epochs:
@@ -54,14 +58,34 @@ class _Queues:
         self.items = {k: deque((b["x"], b["y"]) for b in state.get(k, [])) for k in ("group", "plain")}
 
 
+def prepare_cache(cache: str, nodes: Nodes) -> None:
+    """Before any loader of the run starts (collective): ``cache`` must be node-local, and each node's first rank
+    removes what killed ranks of an earlier attempt left in its shared memory for that cache (a requeued job would
+    otherwise fail with streaming's "Reused local directory")."""
+    from gd.data.loader import clean_stale_streaming
+    from gd.io import private_dir
+
+    nodes.check_node_local(cache, "data.cache", prepare=private_dir, fix=(
+        "Each node copies and decompresses shards into its cache, and nodes writing one folder collide: use a "
+        "folder on each node's own disk (the default is under $TMPDIR or /tmp)"))
+    if nodes.leader:
+        removed = clean_stale_streaming(cache)
+        if removed:
+            log.warning("node %s: removed %d stale streaming shared-memory entries of %s (%s ...)", nodes.name,
+                        len(removed), cache, removed[0])
+    nodes.barrier()
+
+
 class StreamingData:
     """The run's two shard streams; ``next(grouped)`` gives one micro-batch ``(x, y)`` of ``micro_batch`` images,
     from what :meth:`prefetch` read ahead."""
 
     def __init__(self, data_cfg: Any, layout: BatchLayout, group_size: int, seed: int, rank: int,
-                 world_size: int) -> None:
+                 world_size: int, nodes: Nodes | None = None) -> None:
         from gd.data.loader import build_loaders
 
+        if nodes is not None and data_cfg.get("cache"):
+            prepare_cache(str(data_cfg.cache), nodes)
         plain, group = build_loaders(data_cfg, group_size=group_size, micro_batch=layout.micro_batch, seed=seed,
                                      rank=rank, world_size=world_size)
         self.queues = _Queues()

@@ -18,18 +18,20 @@ switches them off and the client optimizer does the same work in a few foreach k
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
 import datetime
 import math
 import os
-import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from gd.device import device_index
 from gd.diffusion.plan import BatchLayout
 
 # DeepSpeed picks its accelerator at import time; on a machine without CUDA it must be told "cpu" first.
@@ -54,12 +56,6 @@ class Dist:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def dist_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun/SLURM-style env; (0, 1, 0) when unset."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
@@ -69,25 +65,79 @@ def dist_env() -> tuple[int, int, int]:
 def init_distributed(timeout_s: float = 1800.0) -> Dist:
     """Initialise torch.distributed from env (gloo on CPU, nccl on CUDA); a lone process gets a world of 1.
 
-    DeepSpeed needs a process group even for one process, so a run started without torchrun makes its own.
+    DeepSpeed needs a process group even for one process, so a run started without torchrun makes its own (on a
+    port the store itself picks, so no other process can take it in between). On CUDA the process's GPU follows
+    gd.device's rule (LOCAL_RANK % device_count), which :func:`build_engine` also hands to DeepSpeed. ``timeout_s``
+    bounds every collective until :class:`CollectiveTimeouts` shortens it after the first step.
     """
-    rank, world, local_rank = dist_env()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+    _, _, local_rank = dist_env()
+    timeout = datetime.timedelta(seconds=timeout_s)
     if torch.cuda.is_available():
-        # Sites that bind one GPU per task show each process a single device whatever its LOCAL_RANK.
-        index = local_rank % torch.cuda.device_count()
+        index = device_index(local_rank, torch.cuda.device_count())
         torch.cuda.set_device(index)
         device, backend = torch.device("cuda", index), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout)
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(store.port))
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def all_process_groups() -> list[Any]:
+    """Every process group this rank belongs to: the default one and those DeepSpeed made (its data-parallel
+    clone of the world, ...), each of which holds its own timeout."""
+    from torch.distributed import distributed_c10d as c10d
+
+    groups = [g for g in getattr(c10d._world, "pg_map", {}) if g not in (None, dist.GroupMember.NON_GROUP_MEMBER)]
+    return groups or [None]
+
+
+class LostRankError(RuntimeError):
+    """A collective that failed because another rank stopped answering."""
+
+
+class CollectiveTimeouts:
+    """How long any collective may wait for the other ranks: ``init_s`` while ranks start, load or write a
+    checkpoint or export (rank 0 may work alone for minutes while the others wait in a barrier), ``step_s`` once
+    the first step has run on every rank (a step's collectives then complete in seconds; a rank that froze or was
+    lost ends the job after ``step_s`` instead of after torch's 30 minutes). torchtitan does the same.
+    """
+
+    def __init__(self, init_s: float, step_s: float) -> None:
+        if not 0 < step_s <= init_s:
+            raise ValueError(f"train.step_timeout_s={step_s}, train.init_timeout_s={init_s}: expected "
+                             "0 < step_timeout_s <= init_timeout_s")
+        self.init_s, self.step_s = float(init_s), float(step_s)
+        self.steady = False
+
+    def _set(self, seconds: float) -> None:
+        if not dist.is_initialized():
+            return
+        for group in all_process_groups():
+            dist.set_timeout(datetime.timedelta(seconds=seconds), group)
+
+    def first_step_done(self) -> None:
+        if not self.steady:
+            self.steady = True
+            self._set(self.step_s)
+
+    @contextlib.contextmanager
+    def relaxed(self) -> Iterator[None]:
+        """``init_s`` inside the block (checkpoint writes, the export), then back to ``step_s`` if it applied."""
+        if self.steady:
+            self._set(self.init_s)
+        try:
+            yield
+        finally:
+            if self.steady:
+                self._set(self.step_s)
 
 
 def _deep_update(base: dict, extra: Mapping) -> dict:
@@ -324,7 +374,11 @@ def build_engine(model: torch.nn.Module, train_cfg: Mapping[str, Any], layout: B
     config = deepspeed_config(train_cfg, layout)
     model = model.to(device)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], train_cfg, device, fused)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+    # Left alone, DeepSpeed calls set_device(LOCAL_RANK): "invalid device ordinal" where each task sees one GPU.
+    # (On the CPU its set_device does nothing; it still needs a rank >= 0 to keep the world size.)
+    rank_on_node = dist_env()[2]
+    args = argparse.Namespace(device_rank=device.index if device.type == "cuda" else rank_on_node)
+    engine, _, _, _ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, config=config,
                                            dist_init_required=False)
     names = decayed_names(engine.module)
     optimizer.decayed = lambda: master_views(engine, names)

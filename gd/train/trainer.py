@@ -40,6 +40,7 @@ from gd.train.data import StreamingData
 from gd.train.ema import ShardedEMA
 from gd.train.guard import NonFiniteError, NonFiniteGuard
 from gd.train.metrics import MetricsLogger, StepLog, Throughput
+from gd.train.nodes import Nodes
 from gd.train.probes import SCrossProbe
 
 log = logging.getLogger("gd.train")
@@ -124,7 +125,12 @@ class Trainer:
         self.resume_from, resume_meta = self.checkpointer.resumable(cfg.model) if resume else (None, {})
         self.resume_step = int(resume_meta.get("step", 0))
 
-        self.dist = d = eng.init_distributed()
+        self.timeouts = eng.CollectiveTimeouts(float(t.get("init_timeout_s", 1800)),
+                                               float(t.get("step_timeout_s", 600)))
+        self.dist = d = eng.init_distributed(self.timeouts.init_s)
+        self.nodes = Nodes()
+        if resume:
+            self._check_nodes()
         random.seed(int(cfg.seed) + d.rank)
         np.random.seed((int(cfg.seed) + d.rank) % 2**32)
         torch.manual_seed(int(cfg.seed))  # identical initial weights on every rank (ZeRO-3 partitions each copy)
@@ -139,7 +145,7 @@ class Trainer:
         self.ema = ShardedEMA(self.engine.module, float(t.ema_decay), zero3=self.zero3,
                               optimizer=self.engine.optimizer)
         self.data = data if data is not None else StreamingData(
-            cfg.data, self.layout, self.plan.train_group_size, int(cfg.seed), d.rank, d.world_size)
+            cfg.data, self.layout, self.plan.train_group_size, int(cfg.seed), d.rank, d.world_size, self.nodes)
         self.guard = NonFiniteGuard(self.optimizer, int(t.max_nonfinite), int(resume_meta.get("skipped_steps", 0)),
                                     verbose=d.is_main)
         self.probe = SCrossProbe(int(t.get("s_cross_every") or 0), self.zero3)
@@ -151,6 +157,17 @@ class Trainer:
                               sigma_tv_draw=str(dc.get("sigma_tv_draw", "window")))
         self._acc = torch.zeros(7, dtype=torch.float64, device=d.device)
         self._reduced = [0.0] * 7
+
+    def _check_nodes(self) -> None:
+        """Across nodes (collective): one run directory seen by all, and one checkpoint every rank resumes from."""
+        if self.dist.is_main:
+            self.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)  # resume refuses a dir others can write
+        self.nodes.check_shared(self.run_dir, "run.dir", fix=(
+            "Every rank writes its part of each checkpoint there and resumes from it: put run.root on a filesystem "
+            "every node mounts (NFS, Lustre, GPFS), not on node-local disk such as /tmp"))
+        found = self.resume_from.name if self.resume_from is not None else None
+        self.nodes.agree(f"the checkpoint to resume from ({self.run_dir / 'checkpoints' / 'latest'})", found, fix=(
+            "Every rank must read the same run.dir: put run.root on a filesystem every node mounts"))
 
     # ---- the step -----------------------------------------------------------------------------------------------
     def micro_batch(self, step: int, micro: int) -> MicroBatch:
@@ -237,11 +254,14 @@ class Trainer:
 
     # ---- the run ------------------------------------------------------------------------------------------------
     def save(self, step: int) -> None:
-        """Checkpoint after ``step`` steps (collective)."""
+        """Checkpoint after ``step`` steps (collective; rank 0 may write for minutes while the others wait, so the
+        collectives get the start-up timeout meanwhile)."""
         meta = {"skipped_steps": self.guard.skipped_total, "model_signature": model_signature(self.cfg.model),
                 "model_config": self.model_config, "time": time.time()}
-        self.checkpointer.manager.save(step, self.engine, self.ema, self.data.loaders, meta, self.cfg,
-                                       fault_hook=lambda stage: self.callbacks.on_checkpoint_stage(self, step, stage))
+        with self.timeouts.relaxed():
+            self.checkpointer.manager.save(step, self.engine, self.ema, self.data.loaders, meta, self.cfg,
+                                           fault_hook=lambda stage: self.callbacks.on_checkpoint_stage(self, step,
+                                                                                                       stage))
 
     def _start(self) -> int:
         """Run directory, then the checkpoint to resume from; returns the first step to run."""
@@ -268,7 +288,11 @@ class Trainer:
         preempted, step, last_loss = False, start, math.nan
         try:
             while step < self.steps:
-                result = self.train_step(step)
+                try:
+                    result = self.train_step(step)
+                except RuntimeError as err:
+                    raise self._lost_rank(err, step) from err
+                self.timeouts.first_step_done()
                 step += 1
                 steplog.add(self.layout.micro_batch, result, self.plan.group_size)
                 last_loss = result.loss if result.loss is not None else last_loss
@@ -290,15 +314,29 @@ class Trainer:
                     self.save(step)
             if not preempted and d.is_main:
                 log.info("training done at step %d (%s)", step, eng.engine_dtype(self.engine))
-            ema_state = self.ema.full_state() if not preempted else None
-            if ema_state is not None and d.is_main:
-                export_ema(self.model_config, ema_state, self.run_dir / "ema.pt")
-            if dist.is_initialized():
-                dist.barrier()
+            with self.timeouts.relaxed():
+                ema_state = self.ema.full_state() if not preempted else None
+                if ema_state is not None and d.is_main:
+                    export_ema(self.model_config, ema_state, self.run_dir / "ema.pt")
+                if dist.is_initialized():
+                    dist.barrier()
         finally:
             logger.close()
         return {"preempted": preempted, "step": step, "skipped_steps": self.guard.skipped_total, "loss": last_loss,
                 "run_dir": str(self.run_dir), "ema": str(self.run_dir / "ema.pt")}
+
+
+    def _lost_rank(self, err: RuntimeError, step: int) -> RuntimeError:
+        """``err`` of a step's collective, explained: after the first step a collective that does not complete in
+        ``train.step_timeout_s`` means another rank stopped answering (frozen, killed, its node lost)."""
+        said = str(err)
+        if not any(s in said for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset")):
+            return err
+        return eng.LostRankError(
+            f"rank {self.dist.rank} on node {self.nodes.name}, step {step + 1}: a collective failed ({said.strip()}). "
+            f"Another rank stopped answering (frozen, killed or its node lost; collectives wait at most "
+            f"train.step_timeout_s={self.timeouts.step_s:g} s after the first step). This rank exits so that the job "
+            f"ends (srun --kill-on-bad-exit); relaunching the run resumes from its last checkpoint")
 
 
 def _clear_zero3_grads(engine: Any) -> None:

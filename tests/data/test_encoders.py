@@ -87,7 +87,8 @@ def test_build_with_sdvae_and_flip(tiny_vae_dir, tmp_path):
     src = FashionMNISTSource(image_size=16, limit=24)
     imgs = np.stack([src.read(i)[0] for i in range(24)])
     z, zf = enc.encode(imgs), enc.encode(np.ascontiguousarray(imgs[:, :, ::-1]))
-    plain, _ = build_loaders({"root": str(tmp_path / "out"), "shuffle": False, "flip": True, "drop_last": False},
+    plain, _ = build_loaders({"root": str(tmp_path / "out"), "cache": str(tmp_path / "cache"), "shuffle": False,
+                              "flip": True, "drop_last": False},
                              group_size=2, micro_batch=24, seed=0, rank=0, world_size=1)
     batch = next(iter(plain))
     ids, lat = batch["id"].numpy(), batch["latent"]

@@ -90,9 +90,9 @@ def _epoch(loaders, stop_after=None, state=None):
     return out, states
 
 
-def test_loader_resumes_mid_epoch_exactly(local_shards):
+def test_loader_resumes_mid_epoch_exactly(local_shards, tmp_path):
     root, meta = local_shards
-    cfg = {"root": str(root), "shuffle": True, "num_workers": 0, "drop_last": False}
+    cfg = {"root": str(root), "cache": str(tmp_path / "cache"), "shuffle": True, "num_workers": 0, "drop_last": False}
 
     def make():
         clean_stale_shared_memory()
@@ -134,13 +134,14 @@ def test_build_split_over_ranks_equals_single_build(tmp_path):
     assert _tree_hashes(tmp_path / "split") == _tree_hashes(tmp_path / "single")
 
 
-def test_groups_do_not_depend_on_worker_count(local_shards):
+def test_groups_do_not_depend_on_worker_count(local_shards, tmp_path):
     """Draws are keyed by (seed, epoch, sample id), so DataLoader workers see the epoch and draw the same groups."""
     root, _ = local_shards
     groups = []
     for workers in (0, 2):
         clean_stale_shared_memory()
-        cfg = {"root": str(root), "shuffle": True, "num_workers": workers, "drop_last": False}
+        cfg = {"root": str(root), "cache": str(tmp_path / f"cache{workers}"), "shuffle": True, "num_workers": workers,
+               "drop_last": False}
         _, group = build_loaders(cfg, group_size=4, micro_batch=16, seed=9, rank=0, world_size=1)
         ids = torch.cat([b["id"] for b in group])
         groups.append({int(g[0]): g.tolist() for g in ids})

@@ -64,6 +64,15 @@ def test_more_gpus_than_groups_in_the_batch() -> None:
     assert "32 processes" in msg and "only 16 groups" in msg
 
 
+def test_groupdiff16_on_four_nodes_says_what_to_change() -> None:
+    """Fails before the fix: the refusal of groupdiff16 on 4 nodes x 8 GPUs said only "use at most 16 processes or a
+    larger batch", not which settings give that (nodes, tasks per node) or how large a batch would do."""
+    msg = _rejection("+cluster=slurm", "+exp=groupdiff16", "cluster.nodes=4")
+    assert "32 processes = cluster.nodes=4 x 8 tasks per node" in msg
+    assert "Use at most 16 processes (fewer nodes, or fewer tasks per node)" in msg
+    assert "raise train.global_batch to a multiple of 512" in msg
+
+
 def test_micro_batch_times_world_must_divide_the_batch() -> None:
     msg = _rejection("+cluster=slurm", "+exp=groupdiff4", "cluster.nodes=2")
     assert "not a multiple of 16 processes" in msg and "= 512" in msg

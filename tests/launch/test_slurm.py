@@ -155,7 +155,8 @@ def test_dry_run_prints_the_sbatch_script(tmp_path: Path, tiny_shards: Path, slu
                      "cluster.partition=debug", cwd=tmp_path, env=slurm_cluster.env())
     assert out.returncode == 0, out.stderr
     for line in ("#!/bin/bash", "#SBATCH --ntasks-per-node=2", "#SBATCH --partition=debug", "#SBATCH --requeue",
-                 "#SBATCH --signal=USR2@", "#SBATCH --time=60", "srun --unbuffered", "submitit.core._submit"):
+                 "#SBATCH --signal=USR2@", "#SBATCH --time=60", "srun --unbuffered", "--kill-on-bad-exit=1",
+                 "submitit.core._submit"):
         assert line in out.stdout, out.stdout
     assert not (tmp_path / "runs" / "demo" / "submitit").exists()
     assert slurm_cluster.squeue() == []
