@@ -8,6 +8,10 @@ flag (`stop_requested`), agrees on it across ranks, writes a checkpoint on all r
 `{"preempted": True}`; then submitit's original handler runs on rank 0 and does what it would have done:
 dump `self.checkpoint()` (this same job, same config), requeue, exit. The requeued job finds
 `<run.dir>/checkpoints/latest` and the trainer resumes from it.
+
+The rendezvous port (MASTER_PORT) is derived from the job id and SLURM_RESTART_COUNT. If rank 0 finds it taken, it
+requeues the job the same way: the next attempt derives another port. Other failures are not requeued (see
+slurm/README.md, "Failures and requeueing").
 """
 from __future__ import annotations
 
@@ -19,6 +23,10 @@ from typing import Any, Callable
 
 import submitit
 from omegaconf import DictConfig, OmegaConf
+
+
+# [low, high): below the ephemeral range, above most services' fixed ports.
+RENDEZVOUS_PORTS = (20000, 32768)
 
 
 class RunJob(submitit.helpers.Checkpointable):
@@ -35,7 +43,16 @@ class RunJob(submitit.helpers.Checkpointable):
         requested = threading.Event()
         requeue = signal.getsignal(signal.SIGUSR2)
         signal.signal(signal.SIGUSR2, lambda signum, frame: requested.set())
-        result = run_task(cfg, requested.is_set)
+        try:
+            result = run_task(cfg, requested.is_set)
+        except Exception as err:
+            if port_taken(err) and callable(requeue) and "SLURM_JOB_ID" in os.environ:
+                # Only rank 0 binds the port. Not a bug and nothing was trained: the next attempt (a new
+                # SLURM_RESTART_COUNT) rendezvouses on another port.
+                print(f"gd.launch: rendezvous port {os.environ.get('MASTER_PORT')} is taken on "
+                      f"{os.environ.get('SLURMD_NODENAME', 'this node')}; requeueing", flush=True)
+                requeue(signal.SIGUSR2, None)
+            raise
         if isinstance(result, dict) and result.get("preempted") and callable(requeue):
             if submitit.JobEnvironment().global_rank == 0:
                 print(f"gd.launch: checkpoint written at step {result.get('step')}; requeueing", flush=True)
@@ -60,15 +77,25 @@ def run_task(cfg: DictConfig, stop_requested: Callable[[], bool] | None) -> Any:
     raise ValueError(f"task={cfg.task!r}: expected train, sample or evaluate")
 
 
+def rendezvous_port(job_id: str, restart: str) -> int:
+    """The port rank 0's store listens on: the same on every node of the job (no communication needed), another
+    one after a requeue (a port the previous attempt's store still holds, or one found taken, is not tried again),
+    and below Linux's ephemeral range (32768-60999), where any outgoing connection on the node may hold it."""
+    low, high = RENDEZVOUS_PORTS
+    return low + zlib.crc32(f"{job_id}-{restart}".encode()) % (high - low)
+
+
+def port_taken(err: BaseException) -> bool:
+    """Whether ``err`` is torch's failure to listen on MASTER_PORT because something else holds it."""
+    return "EADDRINUSE" in str(err) or "address already in use" in str(err).lower()
+
+
 def _export_environment(cfg: DictConfig) -> None:
     """torch.distributed's env:// variables from submitit's job environment, plus the cluster's extra env."""
     env = submitit.JobEnvironment()
     if "MASTER_PORT" not in os.environ:
-        # Same on every node of the job, and different after a requeue so that a port still held by the
-        # previous attempt's store cannot block the rendezvous.
-        restart = os.environ.get("SLURM_RESTART_COUNT", "0")
-        os.environ["MASTER_PORT"] = str(20000 + zlib.crc32(f"{env.job_id}-{restart}".encode()) % 40000)
-    # CUDA_VISIBLE_DEVICES is left alone: every rank sees the node's GPUs and picks cuda:LOCAL_RANK.
+        os.environ["MASTER_PORT"] = str(rendezvous_port(env.job_id, os.environ.get("SLURM_RESTART_COUNT", "0")))
+    # CUDA_VISIBLE_DEVICES is left alone: every rank sees the node's GPUs and picks cuda:(LOCAL_RANK % count).
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     if cfg.cluster.gpus_per_node == 0:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -150,11 +150,10 @@ class Nodes:
         if len(self) < 2:
             return
         report = self.visibility(path, prepare)
-        problems = []
-        for name, seen in report.items():
-            if isinstance(seen, str):
-                problems.append(f"{self.describe(name)} cannot use it ({seen})")
-            elif len(seen) > 1:
-                problems.append(f"{self.describe(name)} sees it shared with {', '.join(n for n in seen if n != name)}")
+        problems = [f"{self.describe(name)} cannot use it ({seen})" for name, seen in report.items()
+                    if isinstance(seen, str)]
+        sharing = [name for name, seen in report.items() if not isinstance(seen, str) and len(seen) > 1]
+        if sharing:
+            problems.append("it is one folder shared by " + ", ".join(self.describe(n) for n in sharing))
         if problems:
             raise NodeLayoutError(f"{what}={path} must be node-local, but " + "; ".join(problems) + f". {fix}")

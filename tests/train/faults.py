@@ -35,6 +35,18 @@ class KillInCheckpoint(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SignalSelf(Callback):
+    """Sends ``signal`` (a name: SIGKILL, SIGSTOP) to its own process after step ``step`` on rank ``rank``: a rank
+    that dies or freezes while the others go on to the next step's collectives."""
+
+    def __init__(self, step: int, rank: int, signal: str) -> None:
+        self.step, self.rank, self.signal = int(step), int(rank), str(signal)
+
+    def on_step_end(self, trainer, step: int) -> None:
+        if step == self.step and trainer.dist.rank == self.rank:
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
 class StepDelay(Callback):
     """Sleeps after each step, so a test can signal or kill a tiny run at a chosen step."""
 
