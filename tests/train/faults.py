@@ -36,15 +36,20 @@ class KillInCheckpoint(Callback):
 
 
 class SignalSelf(Callback):
-    """Sends ``signal`` (a name: SIGKILL, SIGSTOP) to its own process after step ``step`` on rank ``rank``: a rank
-    that dies or freezes while the others go on to the next step's collectives."""
+    """Sends ``signal`` (a name: SIGKILL, SIGSTOP) after step ``step`` on rank ``rank`` to its own process, or with
+    ``group`` to its whole process group (its helpers too: python's shared-memory resource tracker, which would
+    otherwise clean up after it): a rank that dies or freezes while the others go on to the next collectives."""
 
-    def __init__(self, step: int, rank: int, signal: str) -> None:
-        self.step, self.rank, self.signal = int(step), int(rank), str(signal)
+    def __init__(self, step: int, rank: int, signal: str, group: bool = False) -> None:
+        self.step, self.rank, self.signal, self.group = int(step), int(rank), str(signal), bool(group)
 
     def on_step_end(self, trainer, step: int) -> None:
         if step == self.step and trainer.dist.rank == self.rank:
-            os.kill(os.getpid(), getattr(signal, self.signal))
+            sig = getattr(signal, self.signal)
+            if self.group:
+                os.killpg(0, sig)
+            else:
+                os.kill(os.getpid(), sig)
 
 
 class StepDelay(Callback):
