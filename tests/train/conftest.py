@@ -100,23 +100,16 @@ def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, log: Path, t
 
 
 def clean_streaming_shm(shards: Path) -> None:
-    """Unlink streaming's /dev/shm segments that serve ``shards`` (left behind by SIGKILLed jobs).
+    """Unlink streaming's /dev/shm segments (and /tmp locks) left behind by SIGKILLed jobs or in-process runs.
 
-    A segment set is recognised by its ``<prefix>_locals`` entry naming our (session-unique) shard directory, so
-    segments of other test sessions running beside this one are never touched.
+    The shards are read through node-local caches under each test's run dir, so every registry naming a folder of
+    this test session (its pytest-N temp dir, found above ``shards``) is removed; segments of other test sessions
+    running beside this one are never touched.
     """
-    for locals_path in glob.glob("/dev/shm/*_locals"):
-        try:
-            owned = str(shards).encode() in Path(locals_path).read_bytes()
-        except OSError:
-            continue
-        if owned:
-            prefix = Path(locals_path).name[: -len("locals")]
-            for path in glob.glob(f"/dev/shm/{prefix}*"):
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+    from gd.data.loader import clean_stale_streaming
+
+    session = next((p for p in (shards, *shards.parents) if p.parent.name.startswith("pytest-of-")), shards)
+    clean_stale_streaming(session)
 
 
 @pytest.fixture(scope="session", autouse=True)
