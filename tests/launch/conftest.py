@@ -1,12 +1,14 @@
 """Helpers for the launcher tests: compose configs in-process, run `python -m gd.launch` in a subprocess."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -38,3 +40,25 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Pat
                            cwd=base, capture_output=True, text=True, timeout=300, check=False)
     assert build.returncode == 0, build.stderr[-3000:]
     return out
+
+
+def metric_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Trained weights of the last checkpoint plus the exported EMA."""
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    engine = torch.load(run_dir / "checkpoints" / Path(latest).name / "engine" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)
+    ema = torch.load(run_dir / "ema.pt", map_location="cpu", weights_only=False)["model"]
+    return {**{f"model.{k}": v for k, v in engine["module"].items()}, **{f"ema.{k}": v for k, v in ema.items()}}
+
+
+def job_logs(run_dir: Path, rank: int | str = 0) -> str:
+    """stdout and stderr of ``rank`` ("*": every rank) over every launch and attempt of the run."""
+    files = sorted((run_dir / "submitit").rglob(f"*_{rank}_log.*"))
+    return "".join(p.read_text(errors="replace") for p in files)

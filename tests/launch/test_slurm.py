@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.fixtures.slurm import SlurmCluster
-from tests.launch.conftest import REPO, run_launch
+from tests.launch.conftest import REPO, final_state, job_logs, metric_steps, run_launch
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -33,26 +33,6 @@ def tiny(shards: Path, root: Path, *extra: str) -> list[str]:
     return ["+exp=demo", f"run.root={root}", f"data.root={shards}", f"data.cache={root}/cache",
             "model.input_size=16", "train.global_batch=64", "train.micro_batch=4", f"train.steps={STEPS}",
             "train.log_every=1", "train.ckpt_every=1000", *extra]
-
-
-def metric_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
-
-
-def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    """Trained weights of the last checkpoint plus the exported EMA."""
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    engine = torch.load(run_dir / "checkpoints" / Path(latest).name / "engine" / "mp_rank_00_model_states.pt",
-                        map_location="cpu", weights_only=False)
-    ema = torch.load(run_dir / "ema.pt", map_location="cpu", weights_only=False)["model"]
-    return {**{f"model.{k}": v for k, v in engine["module"].items()}, **{f"ema.{k}": v for k, v in ema.items()}}
-
-
-def job_logs(run_dir: Path) -> str:
-    return "".join(p.read_text(errors="replace") for p in sorted((run_dir / "submitit").rglob("*_0_log.*")))
 
 
 @pytest.fixture(scope="module")
