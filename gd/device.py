@@ -14,8 +14,8 @@ import torch
 
 
 def local_rank() -> int:
-    """This process's rank on its node (torchrun's and submitit's LOCAL_RANK; 0 when unset)."""
-    return int(os.environ.get("LOCAL_RANK", 0))
+    """This process's rank on its node: LOCAL_RANK (torchrun, submitit), else SLURM_LOCALID (a bare srun), else 0."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
 
 
 def device_index(rank_on_node: int, device_count: int) -> int:

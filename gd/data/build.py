@@ -5,9 +5,13 @@ writes, per chunk, its arrays to `<work_dir>/<stage>/chunk-XXXXX.*.npy` (temp fi
 `chunk-XXXXX.done` marker, so a killed stage resumes at the first chunk without a marker: nothing is lost or
 duplicated, and an interrupted build yields the same shards as an uninterrupted one. Chunk c belongs to rank
 c % world, so read/encode/embed (and retrieve/write) split over processes, GPUs, array tasks or machines that
-share `work_dir`. retrieve needs every embed chunk and write needs every encode/retrieve chunk; a rank that
-finds them missing waits up to `wait_timeout_s` for the other ranks, then stops with the list of missing chunks. The rank that completes the last write partition
-writes index.json and meta.json.
+share `work_dir` (ranks from `resolve_rank_world`: explicit, job arrays, torchrun or srun). retrieve needs every
+embed chunk and write needs every encode/retrieve chunk; a rank that finds them missing waits up to
+`wait_timeout_s` (6 h by default when there are several ranks) for the other ranks, then stops with the list of
+missing chunks. Retrieval splits the queries, never the index: on GPUs each rank searches its chunks exactly
+against every embedding on its own GPU; on CPUs rank 0 builds one faiss index into the work dir and every rank
+memory-maps it (see gd.data.grouping.IndexPlan; rank 0 prints the time and memory it will take before starting).
+The rank that completes the last write partition writes index.json and meta.json.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gd.data import grouping, shards, storage
-from gd.data.embedders import build_embedder
+from gd.data.embedders import build_embedder, embedding_dim
 from gd.data.encoders import build_encoder
 from gd.data.sources import build_source
 from gd.device import local_device
@@ -66,7 +71,7 @@ class BuildConfig:
     rank: int = 0
     world: int = 1
     chunk_delay_s: float = 0.0
-    wait_timeout_s: float = 0.0
+    wait_timeout_s: float | None = None
     cleanup_images: bool = False
     progress: bool = True
 
@@ -111,6 +116,20 @@ class Builder:
         self.num_chunks = max(1, -(-len(self.source) // cfg.chunk_size))
         self._check_fingerprints()
         self._encoder = None
+        if "retrieve" in cfg.stages and cfg.rank == 0:
+            self._print_estimate()
+
+    def _print_estimate(self) -> None:
+        """Before any work: what retrieval will cost for this dataset (the one stage that grows as M^2)."""
+        dim = embedding_dim(self.cfg.embedder, dict(self.cfg.embedder_kw or {}), self.source.num_classes)
+        if dim is None:
+            print(f"build: {len(self.source):,} images over {self.cfg.world} rank(s); the retrieval estimate follows "
+                  "once the embeddings' width is known", flush=True)
+            return
+        plan = self.index_plan(len(self.source), dim)
+        flops = grouping.measure_flops(self._search_device(plan), dim)
+        print(f"build: {len(self.source):,} images over {self.cfg.world} rank(s); "
+              f"{grouping.retrieval_estimate(plan, self.cfg.world, flops)}", flush=True)
 
     # ---- bookkeeping -------------------------------------------------------------------------------------------
     def _fingerprint(self, stage: str) -> dict:
@@ -157,19 +176,38 @@ class Builder:
     def chunk_ids(self, c: int) -> range:
         return range(c * self.cfg.chunk_size, min(len(self.source), (c + 1) * self.cfg.chunk_size))
 
+    @property
+    def wait_timeout_s(self) -> float:
+        """How long a rank waits for the others' outputs: as configured, else 0 alone and 6 h among several (the
+        ranks of one job start together, but a slow node's chunks may take hours)."""
+        if self.cfg.wait_timeout_s is not None:
+            return float(self.cfg.wait_timeout_s)
+        return 0.0 if self.cfg.world == 1 else 6 * 3600.0
+
+    def _wait(self, missing: Callable[[], list], what: str) -> list:
+        """Poll ``missing()`` until it is empty or ``wait_timeout_s`` passes (saying every 5 minutes what is still
+        awaited); returns what is still missing."""
+        deadline = time.monotonic() + self.wait_timeout_s
+        said = time.monotonic()
+        while True:
+            left = missing()
+            if not left or time.monotonic() >= deadline:
+                return left
+            if time.monotonic() - said > 300:
+                print(f"rank {self.cfg.rank}: waiting for {what} ({len(left)} missing)", flush=True)
+                said = time.monotonic()
+            time.sleep(min(5.0, max(0.05, deadline - time.monotonic())))
+
     def _require(self, stage: str, needed: str) -> None:
         """All chunks of `needed` must exist; wait up to wait_timeout_s for other ranks to produce them."""
-        deadline = time.monotonic() + self.cfg.wait_timeout_s
-        while True:
-            missing = [c for c in range(self.num_chunks) if not self.done(needed, c)]
-            if not missing or time.monotonic() >= deadline:
-                break
-            time.sleep(min(5.0, max(0.05, deadline - time.monotonic())))
+        missing = self._wait(lambda: [c for c in range(self.num_chunks) if not self.done(needed, c)],
+                             f"{needed} chunks of other ranks")
         if missing:
             show = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
             raise RuntimeError(f"stage {stage} needs every {needed} chunk, missing {len(missing)} of "
                                f"{self.num_chunks} ({show}) in {self.work}: finish stages up to {needed} on all "
-                               "ranks first (same work_dir)")
+                               f"ranks first (same work_dir), or let ranks wait longer (wait_timeout_s="
+                               f"{self.wait_timeout_s:g})")
 
     def _bar(self, stage: str, chunks: list[int]):
         desc = f"{stage} [rank {self.cfg.rank}/{self.cfg.world}]"
@@ -272,28 +310,62 @@ class Builder:
         ids = np.concatenate([self._load("read", "ids", c) for c in range(self.num_chunks)])
         return offsets, labels, ids
 
+    def index_plan(self, num: int, dim: int) -> grouping.IndexPlan:
+        kw = {k: v for k, v in (self.cfg.index or {}).items() if v is not None}
+        return grouping.index_plan(num, dim, **kw)
+
     def stage_retrieve(self) -> None:
+        """Each rank searches the neighbours of its own chunks' embeddings (the queries are split, never the
+        index). On a GPU every rank searches exactly against all embeddings on its own device; on CPUs rank 0 builds
+        one faiss index into the work dir and every rank memory-maps it."""
         todo = [c for c in self.my_chunks() if not self.done("retrieve", c)]
-        if not todo:
+        # Rank 0 builds the shared index whenever any rank still needs it, even with no chunk of its own left.
+        builds = self.cfg.rank == 0 and any(not self.done("retrieve", c) for c in range(self.num_chunks))
+        if not todo and not builds:
             return
         self._require("retrieve", "read")
         self._require("retrieve", "embed")
         offsets, labels, _ = self._rows()
-        embs = [self._load("embed", "emb", c) for c in range(self.num_chunks)]
-        db = np.concatenate([e for e in embs if len(e)]).astype(np.float32)
-        if len(db) < self.cfg.n_max:
-            raise ValueError(f"only {len(db)} readable images; n_max={self.cfg.n_max} needs at least that many")
-        idx_kw = dict(self.cfg.index or {})
-        index = grouping.build_index(db, idx_kw.pop("kind", "auto"), **idx_kw)
+        embs = [self._load("embed", "emb", c, mmap=True) for c in range(self.num_chunks)]
+        num = int(offsets[-1])
+        if num < self.cfg.n_max:
+            raise ValueError(f"only {num} readable images; n_max={self.cfg.n_max} needs at least that many")
+        plan = self.index_plan(num, next(e.shape[1] for e in embs if len(e)))
+        if self.cfg.rank == 0:
+            print(grouping.retrieval_estimate(plan, self.cfg.world, grouping.measure_flops(self._search_device(plan))),
+                  flush=True)
+        index = self._index(plan, embs, builds)
         for c in self._bar("retrieve", todo):
             rows = np.arange(offsets[c], offsets[c + 1])
-            nbr, sim = grouping.search_neighbours(index, db, rows, self.cfg.k)
+            nbr, sim = grouping.search_neighbours(index, embs[c], rows, self.cfg.k)
             nbr, sim, count = grouping.order_candidates(nbr, sim, labels, labels[rows], self.cfg.tau,
                                                         self.cfg.fallback)
             atomic_save_npy(self.chunk_path("retrieve", c, "nbr.npy"), nbr)
             atomic_save_npy(self.chunk_path("retrieve", c, "sim.npy"), sim.astype(np.float32))
             atomic_save_npy(self.chunk_path("retrieve", c, "count.npy"), count)
             self._finish_chunk("retrieve", c)
+
+    @staticmethod
+    def _search_device(plan: grouping.IndexPlan) -> str:
+        return str(local_device("cuda")) if plan.kind == "exact-gpu" else "cpu"
+
+    def _index(self, plan: grouping.IndexPlan, embs: list[np.ndarray], build: bool):
+        """The searcher of ``plan``: exact on this rank's GPU, or the work dir's faiss index (built here by rank 0,
+        memory-mapped by everyone)."""
+        if plan.kind == "exact-gpu":
+            return grouping.ExactSearch(embs, self._search_device(plan))
+        path = self.work / "retrieve" / "index.faiss"
+        if build and not path.exists():
+            started = time.monotonic()
+            grouping.save_index(grouping.build_index(embs, plan, seed=int((self.cfg.index or {}).get("seed", 0))),
+                                path)
+            print(f"rank 0: built the {plan.kind} index of {plan.num} x {plan.dim} in "
+                  f"{time.monotonic() - started:.0f} s: {path}", flush=True)
+        if self._wait(lambda: [] if path.exists() else [path.name], f"the {plan.kind} index rank 0 builds"):
+            raise RuntimeError(f"rank {self.cfg.rank}: {path} does not exist: rank 0 builds the retrieval index once "
+                               f"for all ranks (run rank 0's retrieve stage, or let ranks wait longer: "
+                               f"wait_timeout_s={self.wait_timeout_s:g})")
+        return grouping.load_index(path, plan.nprobe or None)
 
     def stage_write(self) -> dict | None:
         todo = [c for c in self.my_chunks() if not self.chunk_path("write", c, "json").exists()]
@@ -409,9 +481,14 @@ class Builder:
 
 def resolve_rank_world(rank: int | None = None, world: int | None = None,
                        env: dict[str, str] | None = None) -> tuple[int, int]:
-    """(rank, world) of this build process: explicit values win; else a SLURM job array, whose task ids need not
-    start at 0 (--array=1-8, --array=0-14:2), so rank = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) // STEP and
-    world = SLURM_ARRAY_TASK_COUNT; else torchrun's RANK / WORLD_SIZE; else 0 / 1."""
+    """(rank, world) of this build process: explicit values win; otherwise the product of
+
+    * a SLURM job array, whose task ids need not start at 0 (--array=1-8, --array=0-14:2): array rank
+      (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) // STEP of SLURM_ARRAY_TASK_COUNT; and
+    * the processes of one job: torchrun's RANK / WORLD_SIZE, else the tasks of an srun step (SLURM_PROCID of
+      SLURM_STEP_NUM_TASKS, set only inside srun, so a batch script run directly stays one process);
+
+    so rank = array rank x processes + process rank, world = array count x processes; 0 / 1 without any of them."""
     env = os.environ if env is None else env
     if "SLURM_ARRAY_TASK_ID" in env:
         task, lo = int(env["SLURM_ARRAY_TASK_ID"]), int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
@@ -420,9 +497,16 @@ def resolve_rank_world(rank: int | None = None, world: int | None = None,
         if (task - lo) % step or (task - lo) // step >= count:
             raise ValueError(f"SLURM_ARRAY_TASK_ID={task} (MIN={lo}, STEP={step}, COUNT={count}) does not map to a "
                              f"rank in [0, {count}): use a contiguous or evenly stepped --array, or set rank= world=")
-        auto_rank, auto_world = (task - lo) // step, count
+        array_rank, arrays = (task - lo) // step, count
     else:
-        auto_rank, auto_world = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+        array_rank, arrays = 0, 1
+    if "RANK" in env and "WORLD_SIZE" in env:
+        proc, procs = int(env["RANK"]), int(env["WORLD_SIZE"])
+    elif "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        proc, procs = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
+    else:
+        proc, procs = 0, 1
+    auto_rank, auto_world = array_rank * procs + proc, arrays * procs
     return (auto_rank if rank is None else int(rank)), (auto_world if world is None else int(world))
 
 
@@ -442,6 +526,7 @@ def config_from_dict(d: dict) -> BuildConfig:
         tau=float(d["tau"]), fallback=d["fallback"], index=dict(d.get("index") or {}),
         chunk_size=int(d["chunk_size"]), batch_size=int(d["batch_size"]), shard_size=str(d["shard_size"]),
         stages=tuple(d["stages"]), rank=rank, world=world,
-        chunk_delay_s=float(d.get("chunk_delay_s") or 0.0), wait_timeout_s=float(d.get("wait_timeout_s") or 0.0),
+        chunk_delay_s=float(d.get("chunk_delay_s") or 0.0),
+        wait_timeout_s=None if d.get("wait_timeout_s") is None else float(d["wait_timeout_s"]),
         cleanup_images=bool(d.get("cleanup_images", False)), progress=bool(d.get("progress", True)),
     )

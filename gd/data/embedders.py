@@ -187,6 +187,23 @@ def build_embedder(name: str, *, num_classes: int | None = None, **kw) -> Embedd
     raise ValueError(f"unknown embedder {name!r}: expected clip, dinov2, pixels, class or random")
 
 
+# Output widths of the architectures people pick, for estimates made before any weights are loaded.
+KNOWN_DIMS = {"ViT-B-32": 512, "ViT-B-16": 512, "ViT-L-14": 768, "ViT-L-14-336": 768, "ViT-H-14": 1024,
+              "dinov2_vits14": 384, "dinov2_vitb14": 768, "dinov2_vitl14": 1024, "dinov2_vitg14": 1536}
+
+
+def embedding_dim(name: str, kw: dict, num_classes: int | None = None) -> int | None:
+    """The width ``build_embedder(name, **kw)`` will produce, without building it; None when unknown."""
+    if name == "pixels":
+        return int(kw.get("size", 8)) ** 2
+    if name == "class":
+        return num_classes
+    if name == "random":
+        return int(kw.get("dim", 64))
+    default = {"clip": "ViT-L-14", "dinov2": "dinov2_vitl14"}.get(name)
+    return KNOWN_DIMS.get(str(kw.get("arch", default)))
+
+
 def embedding_fingerprint(emb: np.ndarray) -> str:
     """Short hash of an embedding matrix, recorded in meta.json to tie groups to the embeddings that made them."""
     return hashlib.sha256(np.ascontiguousarray(emb).tobytes()).hexdigest()[:16]

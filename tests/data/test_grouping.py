@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from gd.data.embedders import build_embedder, l2_normalize
-from gd.data.grouping import (build_index, draw_group, group_stats, hash_uniform, order_candidates,
-                             search_neighbours)
+from gd.data.grouping import (ExactSearch, build_index, draw_group, group_stats, hash_uniform, index_plan,
+                             load_index, order_candidates, retrieval_estimate, save_index, search_neighbours)
 
 
 def _reference_knn(x: np.ndarray, k: int):
@@ -18,15 +18,43 @@ def _reference_knn(x: np.ndarray, k: int):
     return np.array(nbrs), np.array(sims)
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf"])
-def test_search_matches_brute_force(kind):
-    x = l2_normalize(np.random.default_rng(0).standard_normal((120, 16)))
-    index = build_index(x, kind, nlist=4, nprobe=4)          # nprobe = nlist: IVF is exact too
-    nbr, sim = search_neighbours(index, x, np.arange(120), 5)
+@pytest.mark.parametrize("kind", ["flat", "ivf", "exact-gpu"])
+def test_search_matches_brute_force(kind, tmp_path):
+    """Each searcher (faiss flat and IVF through a saved, memory-mapped index; the exact torch search the builder
+    runs on GPUs, here on the CPU) against an explicit float64 loop; queries given in two halves, as two ranks
+    would search their own chunks, with the embeddings stored as several chunks."""
+    x = l2_normalize(np.random.default_rng(0).standard_normal((120, 16))).astype(np.float32)
+    chunks = [x[:50], x[50:]]
+    plan = index_plan(120, 16, kind, nlist=4, nprobe=4)      # nprobe = nlist: IVF is exact too
+    if kind == "exact-gpu":
+        index = ExactSearch(chunks, "cpu", block=32)
+    else:
+        save_index(build_index(chunks, plan), tmp_path / "index.faiss")
+        index = load_index(tmp_path / "index.faiss", plan.nprobe)
+    halves = [np.arange(0, 60), np.arange(60, 120)]
+    found = [search_neighbours(index, x[rows], rows, 5) for rows in halves]
+    nbr, sim = np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
     ref_n, ref_s = _reference_knn(x, 5)
     np.testing.assert_allclose(sim, ref_s, atol=1e-5)
     assert (nbr == ref_n).mean() > 0.99                      # ties aside, the same neighbours
     assert not (nbr == np.arange(120)[:, None]).any()
+
+
+def test_index_plan_picks_exact_ivf_or_gpu_and_estimates_the_cost():
+    """The auto rule and the arithmetic the printed estimate rests on (ImageNet: 1.28M x 768)."""
+    m, d = 1_281_167, 768
+    assert index_plan(150_000, d, use_gpu=False).kind == "flat"
+    ivf = index_plan(m, d, use_gpu=False)
+    assert (ivf.kind, ivf.nlist, ivf.nprobe, ivf.train_points) == ("ivf", 4527, 32, 64 * 4527)
+    assert index_plan(m, d, use_gpu=True).kind == "exact-gpu"
+    assert ivf.index_bytes == 4 * m * d
+    build, search = ivf.flops(1000)
+    assert build == 2.0 * 64 * 4527 * 4527 * d * 10 + 2.0 * m * 4527 * d
+    assert search == pytest.approx(2.0 * 1000 * (4527 + 32 / 4527 * m) * d)
+    exact = index_plan(m, d, "exact-gpu")
+    assert exact.flops(m) == (0.0, 2.0 * m * m * d)
+    text = retrieval_estimate(ivf, 32, 1e11)
+    assert "ivf, nlist 4527, nprobe 32" in text and "(3.7 GiB)" in text and "~40,037 queries" in text
 
 
 def test_tau_filter_and_class_fallback_order():

@@ -35,6 +35,16 @@ def test_explicit_values_win_then_torchrun_then_single_process() -> None:
     assert resolve_rank_world(env={}) == (0, 1)
 
 
+def test_srun_tasks_and_arrays_of_them() -> None:
+    """Fails before the fix: under `srun -N4 --ntasks-per-node 8` every process was rank 0 of 1 (SLURM_PROCID was
+    ignored) and built every chunk. A batch script's own process (no srun step) stays one process."""
+    srun = {"SLURM_PROCID": "11", "SLURM_STEP_NUM_TASKS": "32", "SLURM_NTASKS": "32"}
+    assert resolve_rank_world(env=srun) == (11, 32)
+    assert resolve_rank_world(env={"SLURM_PROCID": "0", "SLURM_NTASKS": "32"}) == (0, 1)
+    assert resolve_rank_world(env={**_array(3, 1, 4), "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"}) == (5, 8)
+    assert resolve_rank_world(env={**srun, "RANK": "3", "WORLD_SIZE": "8"}) == (3, 8)  # torchrun inside srun
+
+
 def test_build_config_reads_the_array_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in _array(8, 1, 8).items():
         monkeypatch.setenv(key, value)

@@ -125,13 +125,47 @@ def test_build_split_over_ranks_equals_single_build(tmp_path):
     split = [*common, f"out={tmp_path}/split", f"work_dir={tmp_path}/w2"]
     _build_in_process([*split, "rank=0", "world=2", "stages=[read,encode,embed]"])
     with pytest.raises(RuntimeError, match=r"missing 2 of 5 \(1, 3\)"):
-        _build_in_process([*split, "rank=0", "world=2"])
+        _build_in_process([*split, "rank=0", "world=2", "wait_timeout_s=0"])
     _build_in_process([*split, "rank=1", "world=2", "stages=[read,encode,embed]"])
     _build_in_process([*split, "rank=0", "world=2", "stages=[retrieve]"])
     assert _build_in_process([*split, "rank=1", "world=2", "stages=[retrieve,write]"]) is None   # rank 0 unwritten
     meta = _build_in_process([*split, "rank=0", "world=2", "stages=[write]"])                   # last one finalizes
     assert meta["num_records"] == 120
     assert _tree_hashes(tmp_path / "split") == _tree_hashes(tmp_path / "single")
+
+
+def test_the_index_is_built_once_by_rank_0(tmp_path):
+    """Fails before the fix: every rank loaded all embeddings and trained its own index (~15 GB and an IVF training
+    per rank at ImageNet scale). Now rank 1 waits for rank 0's index and maps it, never building one itself."""
+    args = ["limit=120", "chunk_size=25", "progress=false", f"out={tmp_path}/out", f"work_dir={tmp_path}/w", "world=2"]
+    for rank in (0, 1):
+        _build_in_process([*args, f"rank={rank}", "stages=[read,encode,embed]"])
+    index = tmp_path / "w" / "retrieve" / "index.faiss"
+    with pytest.raises(RuntimeError, match=r"rank 1: .*index.faiss does not exist: rank 0 builds the retrieval index"):
+        _build_in_process([*args, "rank=1", "stages=[retrieve]", "wait_timeout_s=0"])
+    assert not index.exists()
+    _build_in_process([*args, "rank=0", "stages=[retrieve]"])
+    built = index.stat().st_mtime_ns
+    _build_in_process([*args, "rank=1", "stages=[retrieve]"])
+    assert index.stat().st_mtime_ns == built
+    assert all((tmp_path / "w" / "retrieve" / f"chunk-{c:05d}.done").exists() for c in range(5))
+
+
+def test_estimate_first_and_ranks_wait_for_each_other_by_default(tmp_path, capsys):
+    """Fails before the fix: wait_timeout_s defaulted to 0, so under srun a rank that reached retrieve before the
+    others had embedded their chunks crashed at once; and nothing said what retrieval would cost before it ran."""
+    def builder(*extra: str) -> Builder:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("build_shards", overrides=["limit=120", f"out={tmp_path}/o", f"work_dir={tmp_path}/w",
+                                                     *extra])
+        return Builder(config_from_dict(OmegaConf.to_container(cfg, resolve=True)))
+
+    assert builder("rank=1", "world=4").wait_timeout_s == 6 * 3600
+    assert builder().wait_timeout_s == 0
+    assert builder("rank=1", "world=4", "wait_timeout_s=60").wait_timeout_s == 60
+    out = capsys.readouterr().out
+    assert "build: 120 images over 1 rank(s); retrieve: flat: one faiss flat index of 120 x 64" in out
+    assert "GFLOP/s measured here" in out
 
 
 def test_groups_do_not_depend_on_worker_count(local_shards, tmp_path):
