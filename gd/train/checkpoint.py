@@ -285,7 +285,7 @@ class CheckpointManager:
         return json.loads((path / "meta.json").read_text())
 
     def check_compatible(self, path: Path, model_cfg: Any) -> dict[str, Any]:
-        """Meta of ``path`` after checking it was written for this model and world size."""
+        """Meta of ``path`` after checking it was written for this model."""
         meta = self.read_meta(path)
         want, have = model_signature(model_cfg), meta.get("model_signature")
         if have != want:
@@ -294,27 +294,37 @@ class CheckpointManager:
             raise CheckpointMismatchError(
                 f"checkpoint {path} was written for another model ({details}); use a new run.dir or the same "
                 f"model config")
-        if int(meta["world_size"]) != self.world:
-            raise CheckpointMismatchError(
-                f"checkpoint {path} was written by {meta['world_size']} processes, this run has {self.world}: "
-                f"data loader and optimizer shards are per rank; resume with the same world size")
-        return meta
+        return meta  # a world-size change is checked by the trainer (gd.train.reshard), which knows the batch plan
 
     def load(self, path: Path, engine: Any, ema: ShardedEMA, loaders: dict[str, Any]) -> None:
         """Restore engine, EMA, loaders and RNG from ``path`` (collective); every file is read weights-only."""
         check_trusted(self.dir.parent, path)
         use_weights_only_engine(engine)
-        load_path, _ = engine.load_checkpoint(str(path), tag="engine", load_optimizer_states=True,
+        old_world = int(self.read_meta(path)["world_size"])
+        # A world-size change (gd.train.reshard, checked by the trainer): DeepSpeed refuses ZeRO partitions written by
+        # another number of ranks, so it loads the module (and stage 0's whole optimizer) and we re-split the rest.
+        resharded = old_world != self.world and engine.zero_optimization_stage() > 0
+        load_path, _ = engine.load_checkpoint(str(path), tag="engine", load_optimizer_states=not resharded,
                                               load_lr_scheduler_states=True, load_module_strict=True)
         if load_path is None:
             raise CheckpointMismatchError(f"DeepSpeed found no engine state under {path / 'engine'}")
+        if resharded:
+            from gd.train.reshard import load_optimizer_resharded
+
+            load_optimizer_resharded(engine, path / "engine", old_world)
         ema.refresh()
         # Memory-mapped: each rank reads only its own slices, not a whole CPU copy of the EMA.
         ema.load_full_state(load_weights_only(path / "ema.pt", map_location="cpu", mmap=True))
-        own = load_weights_only(path / f"rank_{self.rank:05d}.pt", map_location="cpu")
+        if old_world == self.world:
+            own = load_weights_only(path / f"rank_{self.rank:05d}.pt", map_location="cpu")
+        else:
+            from gd.train.reshard import merged_rank_state
+
+            own = merged_rank_state(path, old_world, self.rank)
         for key, loader in loaders.items():
             loader.load_state_dict(own["loaders"][key])
-        set_rng_state(own["rng"])
+        if own["rng"] is not None:
+            set_rng_state(own["rng"])
         _barrier()
 
 

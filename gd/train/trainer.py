@@ -35,7 +35,7 @@ from gd.io import atomic_write_text
 from gd.secrets import redacted_yaml
 from gd.train import engine as eng
 from gd.train.callbacks import Callback, CallbackList
-from gd.train.checkpoint import Checkpointer, export_ema, model_signature
+from gd.train.checkpoint import CheckpointMismatchError, Checkpointer, export_ema, model_signature
 from gd.train.data import StreamingData
 from gd.train.ema import ShardedEMA
 from gd.train.guard import NonFiniteError, NonFiniteGuard
@@ -124,6 +124,8 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, int(t.ckpt_every), int(t.keep_last), rank, world)
         self.resume_from, resume_meta = self.checkpointer.resumable(cfg.model) if resume else (None, {})
         self.resume_step = int(resume_meta.get("step", 0))
+        if self.resume_from is not None and int(resume_meta["world_size"]) != world:
+            self._check_world_change(world)
 
         self.timeouts = eng.CollectiveTimeouts(float(t.get("init_timeout_s", 1800)),
                                                float(t.get("step_timeout_s", 600)))
@@ -157,6 +159,18 @@ class Trainer:
                               sigma_tv_draw=str(dc.get("sigma_tv_draw", "window")))
         self._acc = torch.zeros(7, dtype=torch.float64, device=d.device)
         self._reduced = [0.0] * 7
+
+    def _check_world_change(self, world: int) -> None:
+        """A checkpoint written by another number of ranks: refused unless gd.train.reshard can carry it over."""
+        from gd.train.reshard import checkpoint_settings, describe, reshard_problems
+
+        saved = checkpoint_settings(self.resume_from)
+        block = self.plan.block if self.plan.mix == "micro" else None
+        problems = reshard_problems(saved, world, self.cfg.train, block, self.layout.grad_accum)
+        if problems:
+            raise CheckpointMismatchError(f"{self.resume_from}: {describe(saved, world, problems)}")
+        if eng.dist_env()[0] == 0:
+            log.warning("%s: %s", self.resume_from, describe(saved, world, []))
 
     def _check_nodes(self) -> None:
         """Across nodes (collective): one run directory seen by all, and one checkpoint every rank resumes from."""
