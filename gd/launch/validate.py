@@ -52,6 +52,8 @@ def validate(cfg: DictConfig) -> list[str]:
         problems.append("the config holds credentials: " + "; ".join(found) + f". {NO_CREDENTIALS}")
     if not problems and cfg.task == "train":
         problems += _check_batch(cfg)
+        if not problems:
+            problems += _check_resume(cfg, warnings)
         if cfg.launcher.check_data:
             problems += _check_data(cfg)
     elif not problems:
@@ -117,6 +119,33 @@ def _check_batch(cfg: DictConfig) -> list[str]:
     except ValueError as err:
         lines = [line.strip() for line in str(err).splitlines()[1:]] or [str(err)]
         return [f"{line} ({ranks})" if "processes" in line else line for line in lines]
+    return []
+
+
+def _check_resume(cfg: DictConfig, warnings: list[str]) -> list[str]:
+    """Launching a run name again resumes its latest checkpoint: a world-size change it cannot take (gd.train.reshard)
+    is refused here, before the queue wait, instead of by the job."""
+    latest = Path(str(cfg.run.dir)) / "checkpoints" / "latest"
+    if not latest.is_file():
+        return []
+    from gd.diffusion.plan import BatchPlan
+    from gd.train.reshard import checkpoint_settings, describe, reshard_problems
+
+    ckpt = latest.parent / latest.read_text().strip()
+    try:
+        saved = checkpoint_settings(ckpt)
+    except (OSError, KeyError, ValueError, TypeError):
+        return []  # not a complete checkpoint of this trainer: the job reports it, naming the file
+    world = world_size(cfg.cluster)
+    plan = BatchPlan.from_config(cfg.diffusion, cfg.model, int(cfg.seed))
+    accum = plan.layout(cfg.train, world, int(cfg.model.max_group_size)).grad_accum
+    plan = BatchPlan.from_config(cfg.diffusion, cfg.model, int(cfg.seed), accum)
+    problems = reshard_problems(saved, world, cfg.train, plan.block if plan.mix == "micro" else None, accum)
+    ranks = f"{world} processes = cluster.nodes={cfg.cluster.nodes} x {tasks_per_node(cfg.cluster)} tasks per node"
+    if problems:
+        return [f"run {cfg.run.name} resumes {ckpt}: {describe(saved, world, problems)} ({ranks})"]
+    if saved["world_size"] != world:
+        warnings.append(f"run {cfg.run.name} resumes {ckpt}: {describe(saved, world, [])}")
     return []
 
 

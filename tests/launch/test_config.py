@@ -1,10 +1,11 @@
 """Config composition and validation: every experiment composes on both clusters, bad configs are rejected."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from gd.launch import LaunchError
 from gd.launch.validate import validate, world_size
@@ -177,3 +178,38 @@ def test_demo_without_groups_is_valid() -> None:
     cfg = compose_cfg("+cluster=local", "+exp=demo", "diffusion=plain", "launcher.check_data=false")
     assert (cfg.diffusion.mode, cfg.diffusion.group_size) == ("none", 1)
     assert validate(cfg) == []
+
+
+def _checkpoint(run_dir: Path, step: int, world: int, **train: object) -> None:
+    """A checkpoint's meta.json and config.yaml (what the launcher reads), as the trainer writes them."""
+    ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"step": step, "world_size": world}))
+    settings = {"zero_stage": 2, "precision": "fp32", "micro_batch": 32, "global_batch": 64, **train}
+    (ckpt / "config.yaml").write_text(OmegaConf.to_yaml({"train": settings}))
+    (run_dir / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+
+
+def _demo_on_one_rank(tmp_path: Path) -> list[str]:
+    return ["+cluster=local", "+exp=demo", f"run.root={tmp_path}", "train.micro_batch=32"]
+
+
+def test_a_world_size_change_the_checkpoint_cannot_take_is_refused_at_launch(tmp_path: Path) -> None:
+    """Fails before the fix: relaunching a 2-process run on 1 process was refused only by the job, after the queue
+    wait. Step 6 of 2 ranks (1 micro-batch per step) is inside a 4-micro-batch block of the demo's batch plan."""
+    _checkpoint(tmp_path / "demo", 6, 2)
+    msg = _rejection(*_demo_on_one_rank(tmp_path))
+    assert "resumes" in msg and "step_00000006: checkpoint at step 6 was written by 2 processes, this run has 1" in msg
+    assert "step 6 is inside a block of the batch plan" in msg and "(1 processes = cluster.nodes=1" in msg
+
+
+def test_a_world_size_change_the_checkpoint_can_take_is_announced(tmp_path: Path) -> None:
+    _checkpoint(tmp_path / "demo", 8, 2)
+    cfg = compose_cfg(*_demo_on_one_rank(tmp_path))
+    with open_dict(cfg):
+        cfg.launcher.check_data = False
+    warnings = validate(cfg)
+    assert any("re-split over 1 ranks (optimizer state exact)" in w for w in warnings), warnings
+    _checkpoint(tmp_path / "z3" / "demo", 8, 2, zero_stage=3)
+    msg = _rejection(*_demo_on_one_rank(tmp_path / "z3"), "train.zero_stage=3")
+    assert "train.zero_stage=3 train.precision=fp32 keeps optimizer state in a layout" in msg
