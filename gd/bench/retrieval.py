@@ -109,8 +109,8 @@ def main() -> None:
         per_query, per_query_exact = search_s / cfg.sample, exact_s / cfg.sample
         print(f"{plan.kind}: build {build_s:.0f} s ({build_cpu:.0f} CPU s), search {per_query * 1e3:.2f} ms/query "
               f"({search_cpu / cfg.sample * 1e3:.2f} CPU ms; all {cfg.num:,} queries: "
-              f"{per_query * cfg.num / 3600:.2f} h on one process, {per_query * cfg.num / cfg.ranks / 60:.1f} min each over {cfg.ranks} ranks), peak RSS "
-              f"{peak:.2f} GiB while building and searching")
+              f"{per_query * cfg.num / 3600:.2f} h on one process, {per_query * cfg.num / cfg.ranks / 60:.1f} min "
+              f"each over {cfg.ranks} ranks), peak RSS {peak:.2f} GiB while building and searching")
         print(f"exact (numpy scan): {per_query_exact * 1e3:.1f} ms/query ({exact_cpu / cfg.sample * 1e3:.1f} CPU ms; "
               f"all queries: {per_query_exact * cfg.num / 3600:.1f} h on one process)")
         print(f"recall@{cfg.k} of {plan.kind} vs exact on {cfg.sample} queries: {recall:.4f}", flush=True)
