@@ -502,10 +502,13 @@ def assemble(out: Path, layout: Layout, s: DictConfig) -> Path:
     return out / "samples.npz"
 
 
-def _hydra_main() -> None:
+def main() -> None:
+    """``python -m gd.sample`` / ``gd-sample``: hydra entry point (conf/evaluate.yaml: the run config + ckpt)."""
     import hydra
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+    from gd.config import config_path
+
+    @hydra.main(version_base="1.3", config_path=config_path(), config_name="evaluate")
     def main(cfg: DictConfig) -> None:
         result = generate(cfg)
         if result.get("npz"):
@@ -515,4 +518,4 @@ def _hydra_main() -> None:
 
 
 if __name__ == "__main__":
-    _hydra_main()
+    main()

@@ -126,7 +126,9 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    @hydra.main(config_path="../../conf", config_name="bench/model", version_base="1.3")
+    from gd.config import config_path
+
+    @hydra.main(config_path=config_path(), config_name="bench/model", version_base="1.3")
     def _main(cfg: DictConfig) -> None:
         run(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)))
 

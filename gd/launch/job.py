@@ -20,6 +20,8 @@ from typing import Any, Callable
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
+from gd.logs import configure_logging
+
 
 class RunJob(submitit.helpers.Checkpointable):
     """One run of `cfg.task` (train, sample or evaluate) as a requeueable submitit job."""
@@ -30,6 +32,7 @@ class RunJob(submitit.helpers.Checkpointable):
     def __call__(self) -> Any:
         cfg = self.cfg
         _export_environment(cfg)
+        configure_logging()  # the job starts without a logging handler: its log.info lines would be lost
         if cfg.task != "train":
             return run_task(cfg, None)
         requested = threading.Event()

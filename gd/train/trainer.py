@@ -41,6 +41,8 @@ from gd.train.ema import ShardedEMA
 from gd.train.guard import NonFiniteError, NonFiniteGuard
 from gd.train.metrics import MetricsLogger, StepLog, Throughput
 from gd.train.probes import SCrossProbe
+from gd.train.sample_grid import SampleGrid
+from gd.train.tracking import check_available
 
 log = logging.getLogger("gd.train")
 
@@ -113,6 +115,8 @@ class Trainer:
                  fused: bool | None = None) -> None:
         t = cfg.train
         check_train_cfg(t)
+        check_available(cfg)  # train.wandb asked for but not installed: said before any work
+        grid = SampleGrid.from_config(cfg)  # train.sample_every: the EMA's sample grid, a callback like any other
         rank, world, _ = eng.dist_env()
         self.cfg = cfg
         self.layout = BatchPlan.from_config(cfg.diffusion, cfg.model).layout(t, world, int(cfg.model.max_group_size))
@@ -143,7 +147,7 @@ class Trainer:
         self.guard = NonFiniteGuard(self.optimizer, int(t.max_nonfinite), int(resume_meta.get("skipped_steps", 0)),
                                     verbose=d.is_main)
         self.probe = SCrossProbe(int(t.get("s_cross_every") or 0), self.zero3)
-        self.callbacks = CallbackList(callbacks)
+        self.callbacks = CallbackList([*callbacks, *([grid] if grid else [])])
         self.stop_requested = stop_requested
         dc = cfg.diffusion
         self.objective = dict(sigma_tv=float(dc.sigma_tv), time_sampling=str(dc.time_sampling),
@@ -261,7 +265,7 @@ class Trainer:
         """Run to ``train.steps``; returns ``{"preempted", "step", "skipped_steps", "loss", "run_dir", "ema"}``."""
         t, d = self.cfg.train, self.dist
         start = self._start()
-        logger = MetricsLogger(self.run_dir, d.is_main, self.steps, start, progress=bool(t.get("progress", True)))
+        self.metrics = logger = MetricsLogger.for_run(self.cfg, d.is_main, start)  # callbacks log images here
         steplog = StepLog(logger, Throughput(self.engine.module, d.world_size, float(t.peak_tflops)),
                           int(t.log_every), self.steps)
         self.callbacks.on_train_start(self, start)
