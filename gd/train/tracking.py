@@ -33,10 +33,17 @@ def wandb_requested(cfg: Any) -> bool:
     return bool(w is not None and w.get("enabled"))
 
 
+def wandb_installed() -> bool:
+    try:
+        return importlib.util.find_spec("wandb") is not None
+    except (ImportError, ValueError):  # ValueError: an entry of None in sys.modules, as for a blocked import
+        return False
+
+
 def check_available(cfg: Any) -> None:
     """ImportError with the install command when ``cfg`` asks for wandb and it is not installed (checked without
     importing it, before any expensive work)."""
-    if wandb_requested(cfg) and importlib.util.find_spec("wandb") is None:
+    if wandb_requested(cfg) and not wandb_installed():
         raise ImportError(f"train.wandb.enabled=true but wandb is not installed: {INSTALL_HINT}, or set "
                           "train.wandb.enabled=false")
 
