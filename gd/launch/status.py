@@ -3,9 +3,9 @@
 A PATH is a run directory, a sweep directory (its members are sub-folders) or a run root (default: ``runs``). For
 each run it reads what the run directory already holds, nothing else: the last launch (``launches.jsonl``), the step
 and loss of the last ``metrics.jsonl`` record, ``train.steps`` from ``config.yaml``, the latest checkpoint. The
-state is the scheduler's while it still knows the job (``squeue``; on +cluster=local, whether the process lives);
-after that DONE when the run reached ``train.steps``, else STOPPED (failed, cancelled or out of requeues: its log
-says which; relaunching the run resumes it from its last checkpoint).
+state is the scheduler's while it knows the job (``squeue``: PENDING, RUNNING, REQUEUED, FAILED, CANCELLED, ...;
+on +cluster=local, RUNNING while the process lives); otherwise, and for a job that COMPLETED, DONE when the run
+reached ``train.steps``, else STOPPED (stopped early: its log says why; relaunching the run resumes it).
 """
 from __future__ import annotations
 
@@ -139,14 +139,13 @@ def collect(path: Path) -> list[RunStatus]:
         steps = _train_steps(run)
         ckpt, age = _checkpoint(run)
         job_id = str(launch["job_id"]) if launch else None
-        if job_id in known:
-            state = known[job_id]
+        done = step is not None and steps is not None and step >= steps and (run / "ema.pt").is_file()
+        if job_id in known and known[job_id] != "COMPLETED":
+            state = known[job_id]  # pending, running, requeued, or how it ended (FAILED, CANCELLED, TIMEOUT, ...)
         elif launch is None:
             state = "NOT LAUNCHED"
-        elif step is not None and steps is not None and step >= steps and (run / "ema.pt").is_file():
-            state = "DONE"
         else:
-            state = "STOPPED"
+            state = "DONE" if done else "STOPPED"  # a job that exits 0 after a preemption without requeue: STOPPED
         log = None
         if launch and launch.get("submitit"):
             log = str(Path(launch["submitit"]) / f"{job_id}_0_log.out")

@@ -124,11 +124,14 @@ def launch_sweep(members: list[tuple[str, DictConfig]]) -> int:
     for cfg in cfgs:
         try:
             _check_resumable(cfg, Path(cfg.run.dir))
-            _check_not_running(cfg, Path(cfg.run.dir))
         except LaunchError as err:
             refused.append(str(err))
     if refused:
         raise LaunchError("sweep rejected, nothing was submitted:\n  - " + "\n  - ".join(refused))
+    cfgs = _members_to_run(cfgs)
+    if not cfgs:
+        print(f"gd.launch: sweep {root.name}: every run is running or done, nothing submitted", flush=True)
+        return 0
     executor = _array_executor(first, folder, job_name, len(cfgs))
     root.mkdir(parents=True, exist_ok=True, mode=0o755)
     for cfg in cfgs:
@@ -144,13 +147,36 @@ def launch_sweep(members: list[tuple[str, DictConfig]]) -> int:
         f.write(json.dumps(record) + "\n")
     width = max(len(c.run.name) for c in cfgs)
     lines = "\n".join(f"  {c.run.name.ljust(width)}  job {j.job_id}  {c.run.dir}" for c, j in zip(cfgs, jobs))
-    print(f"gd.launch: sweep {root.name}: {len(cfgs)} runs submitted as {first.cluster.kind} job array {array_id}, "
+    what = "job array" if len(cfgs) > 1 else "job"
+    print(f"gd.launch: sweep {root.name}: {len(cfgs)} run(s) submitted as {first.cluster.kind} {what} {array_id}, "
           f"{world_size(first.cluster)} process(es) each\n{lines}\n"
           f"  follow it: squeue -j {array_id}; python -m gd.launch status {root}; "
           f"logs in {folder}/<job id>_0_log.out", flush=True)
     if not wait(first):
         return 0
     return follow_many(jobs, cfgs)
+
+
+def _members_to_run(cfgs: list[DictConfig]) -> list[DictConfig]:
+    """A relaunched sweep resubmits the members that need it: not those whose job still runs, nor those trained to
+    train.steps (their metrics.jsonl says so and ema.pt is written); each skip is said."""
+    from gd.launch.status import last_json_line
+
+    todo = []
+    for cfg in cfgs:
+        run_dir = Path(cfg.run.dir)
+        try:
+            _check_not_running(cfg, run_dir)
+        except LaunchError as err:
+            print(f"gd.launch: skipping {cfg.run.name}: {str(err).split(';')[0]}", file=sys.stderr)
+            continue
+        last = last_json_line(run_dir / "metrics.jsonl", want="loss")
+        if cfg.task == "train" and last and int(last["step"]) >= int(cfg.train.steps) and (run_dir / "ema.pt").is_file():
+            print(f"gd.launch: skipping {cfg.run.name}: trained to train.steps={cfg.train.steps} already",
+                  file=sys.stderr)
+            continue
+        todo.append(cfg)
+    return todo
 
 
 def _run_one_after_another(cfgs: list[DictConfig]) -> int:

@@ -53,12 +53,12 @@ def expand(overrides: list[str]) -> list[Member]:
         raise LaunchError("-m/--multirun without a swept override: give one key several values (key=a,b,c), "
                           "or drop -m to launch a single run")
     naming = [k for k in swept if k.lstrip("+~") not in PLACEMENT]
-    members = []
+    members, places = [], []
     for combo in combos:
         values = {o.get_key_element(): o.get_value_element_as_str() for o in parser.parse_overrides(combo)}
         members.append(Member(member_label([(k.lstrip("+~"), values[k]) for k in naming]), combo))
-    labels = [m.label for m in members]
-    twice = sorted({label for label in labels if labels.count(label) > 1})
+        places.append((tuple(values[k] for k in swept if k not in naming), members[-1].label))
+    twice = sorted({" ".join(filter(None, (*p[0], p[1]))) for p in places if places.count(p) > 1})
     if twice:
         raise LaunchError(f"the sweep names several members alike ({', '.join(twice)}): a swept key repeats a value")
     return members

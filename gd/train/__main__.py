@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
+        # DeepSpeed's launcher calls the processes per node LOCAL_SIZE; torchrun, and streaming (one shared-memory
+        # cache index per node, created by local rank 0), LOCAL_WORLD_SIZE. Without it every rank creates its own.
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
     rank = env_rank()
     configure_logging(rank)
     from hydra.errors import HydraException
