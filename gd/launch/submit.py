@@ -171,7 +171,8 @@ def _members_to_run(cfgs: list[DictConfig]) -> list[DictConfig]:
             print(f"gd.launch: skipping {cfg.run.name}: {str(err).split(';')[0]}", file=sys.stderr)
             continue
         last = last_json_line(run_dir / "metrics.jsonl", want="loss")
-        if cfg.task == "train" and last and int(last["step"]) >= int(cfg.train.steps) and (run_dir / "ema.pt").is_file():
+        trained = last is not None and int(last["step"]) >= int(cfg.train.steps)
+        if cfg.task == "train" and trained and (run_dir / "ema.pt").is_file():
             print(f"gd.launch: skipping {cfg.run.name}: trained to train.steps={cfg.train.steps} already",
                   file=sys.stderr)
             continue
@@ -266,7 +267,8 @@ def dry_run(cfg: DictConfig, folder: Path, members: list[DictConfig] | None = No
     shape = (f"{world_size(cluster)} process(es) ({cluster.nodes} node(s) x {tasks_per_node(cluster)})")
     if members:
         runs = "".join(f"\n#   {m.run.name}: {m.run.dir}" for m in members)
-        header = f"# gd.launch dry run: sweep of {len(members)} runs as one job array, task {cfg.task}, {shape} each{runs}"
+        header = (f"# gd.launch dry run: sweep of {len(members)} runs as one job array, task {cfg.task}, {shape} "
+                  f"each{runs}")
     else:
         header = f"# gd.launch dry run: run {cfg.run.name}, task {cfg.task}, {shape}, run dir {cfg.run.dir}"
     header += f"\n# nothing was submitted; the submitit folder would be {folder}"
@@ -470,7 +472,9 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def _append_launch(run_dir: Path, cfg: DictConfig, job_id: str, folder: Path, job_name: str) -> None:
+def _append_launch(run_dir: Path, cfg: DictConfig, job_id: str, folder: Path, job_name: str | None = None) -> None:
+    """One line of launches.jsonl; ``job_name``: the scheduler's name of the job (a sweep's array is named after the
+    sweep, not the run), which tells a later launch whether that job id is still this run's."""
     record = dict(time=_now(), cluster=cfg.cluster.kind, task=cfg.task, job_id=str(job_id), job_name=job_name,
                   submitit=str(folder), argv=redact_argv(sys.argv[1:]))
     with open(run_dir / "launches.jsonl", "a") as f:
