@@ -23,11 +23,12 @@ rank's share of one activation), a rank sends (:func:`comm_bytes`, checked again
     ulysses    8 a (P-1)/P      (qkv 3a and output a each way, (P-1)/P of each all-to-all leaves the rank)
     allgather  4 a (P-1)        (K,V 2a to each of P-1 peers forward; the reduce-scatter of dK,dV backward)
 
-The ratio is 2/P: equal at P=2, Ulysses half at P=4 and a quarter at P=8 (SiT-XL/2, N=16, bf16: 5.4 MiB vs
-10.9 MiB per layer at P=4). Ulysses also keeps activation memory at 1/P: attention saves this rank's H/P heads of
-q, k, v over the group (3a), the same size as its local qkv, while all-gather saves the gathered K, V (2aP) for
-backward, which does not shrink with P. The attention FLOPs per rank are the same for both (1/P of the group's).
-``allgather`` stays for head counts P does not divide.
+The ratio is 2/P: equal at P=2, Ulysses half at P=4 and a quarter at P=8 (SiT-XL/2, N=16, bf16: 13.5 MiB vs
+27 MiB per layer at P=4). Ulysses also keeps activation memory at ~1/P: attention saves this rank's H/P heads of
+q, k, v over the group (3a, the size of its local qkv) and the output once per layout (2a, one a more than an
+unsplit layer), while all-gather saves the gathered K, V (2aP per layer, i.e. the whole group's, at every P;
+tests/models/test_group_parallel.py checks both terms). The attention FLOPs per rank are the same for both (1/P
+of the group's). ``allgather`` stays for head counts P does not divide.
 
 Why not ``deepspeed.sequence.layer.DistributedAttention`` (0.19.8): it exchanges q, k and v in three all-to-alls
 plus one for the output (same bytes, twice the collectives of the packed-qkv exchange here); it goes through
