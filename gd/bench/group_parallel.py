@@ -119,7 +119,8 @@ def saved_bytes(fn: Callable[[], Any], exclude: list[torch.Tensor]) -> tuple[int
     return sum(n for n, _ in kept.values()), out
 
 
-def activation_elements(depth: int, width: int = 64, heads: int = 4, size: int = 16, batch: int = 4) -> tuple[float, float]:
+def activation_elements(depth: int, width: int = 64, heads: int = 4, size: int = 16,
+                        batch: int = 4) -> tuple[float, float]:
     """(e0, e_block): saved elements per token per unit of width outside the blocks and per block, measured in
     fp32 on two small SiTs (depth and 2*depth blocks) under per-image attention."""
     per_token = []
@@ -128,8 +129,8 @@ def activation_elements(depth: int, width: int = 64, heads: int = 4, size: int =
                             learn_sigma=False)
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(batch, model.in_channels, size, size, generator=gen)
-        nbytes, _ = saved_bytes(lambda: model(x, torch.rand(batch, generator=gen), torch.zeros(batch, dtype=torch.long)),
-                                [*model.parameters(), *model.buffers()])
+        t, y = torch.rand(batch, generator=gen), torch.zeros(batch, dtype=torch.long)
+        nbytes, _ = saved_bytes(lambda: model(x, t, y), [*model.parameters(), *model.buffers()])
         per_token.append(nbytes / (batch * model.num_patches * width * 4))
     e_block = (per_token[1] - per_token[0]) / depth
     return per_token[0] - depth * e_block, e_block
@@ -229,13 +230,13 @@ def time_rows(cfg: Any) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = OmegaConf.merge(OmegaConf.structured(BenchConfig), OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None
-                                                                                             else argv)))
+    args = list(sys.argv[1:] if argv is None else argv)
+    cfg = OmegaConf.merge(OmegaConf.structured(BenchConfig), OmegaConf.from_dotlist(args))
     model = _meta_model(cfg.model, max(cfg.sizes))
     print(f"# {cfg.model} (L={model.num_patches} tokens, C={model.hidden_size}, {model.num_heads} heads, "
           f"{model.depth} blocks), {cfg.dtype}, {cfg.groups} group(s) per group-parallel group\n")
-    print(f"## bytes sent per rank, N={cfg.group_size}, forward + backward\n\n| P | impl | per layer MiB | per step MiB |"
-          "\n|---|---|---|---|")
+    print(f"## bytes sent per rank, N={cfg.group_size}, forward + backward\n\n"
+          "| P | impl | per layer MiB | per step MiB |\n|---|---|---|---|")
     for r in comm_rows(cfg):
         if "error" in r:
             print(f"| {r['P']} | {r['impl']} | {r['error']} | |")

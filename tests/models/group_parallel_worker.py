@@ -89,6 +89,7 @@ def compare(name: str, n: int, groups: int, overrides: dict, kind: str, ctx: Gro
         expected = torch.zeros_like(p) if ref_grads[k] is None else ref_grads[k]
         param_err = max(param_err, float((grad - expected).abs().max()))
         checked += 1
+    out, ref = out.detach(), ref.detach()
     return {
         "out": float((out - ref[rows]).abs().max()),
         "x_grad": float((xl.grad - xr.grad[rows]).abs().max()),
@@ -160,7 +161,8 @@ def run(rank: int, world: int, store: str, out: str) -> None:
     for impl in IMPLS:
         ctx = new_group_parallel(world, impl)
         result[impl] = {name: compare(name, n, g, o, kind, ctx) for name, n, g, o, kind in CASES}
-        result[impl]["bytes"] = {"all_layers": count_bytes(8, 2, [0, 2], ctx), "one_layer": count_bytes(8, 2, [1, 2], ctx)}
+        result[impl]["bytes"] = {"all_layers": count_bytes(8, 2, [0, 2], ctx),
+                                 "one_layer": count_bytes(8, 2, [1, 2], ctx)}
         result[impl]["memory"] = activation_bytes(8, 2, ctx)
         result[impl]["errors"] = errors(ctx)
         model = tiny_model()
