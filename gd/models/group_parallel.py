@@ -41,10 +41,13 @@ head-sharded (B, S, H/P, D) one.
 
 Gradients. Parameters are replicated over the group-parallel ranks. After backward, rank r's parameter gradient
 is its local uses' share of the gradient of the sum of all P ranks' losses (the collectives' backward carries
-the cross-rank terms), so the gradient of the group's loss is the SUM of the P ranks' gradients. A data-parallel
-reduction that averages over all D*P ranks therefore gives the right gradient when each rank's loss is the
-group loss's share times P, e.g. a per-image mean over the rank's own images when the group loss is a per-image
-mean; DeepSpeed's sequence-parallel mode instead sums over the P ranks (it divides by D only).
+the cross-rank terms), so the gradient of the group's loss is the SUM of the P ranks' gradients. ZeRO over the
+whole world (no mpu: D replicas x P ranks, DeepSpeed averages over all D*P) therefore gives the right gradient
+when the P ranks' losses add up to P times the group loss: a per-image mean over the rank's own images, or
+gd.diffusion's per-group sum (mean over groups) multiplied by P; unscaled, the latter gives 1/P of the gradient
+(test_zero_over_the_world_gives_the_group_gradient, real ZeRO-2 on 4 ranks). DeepSpeed's sequence-parallel mode
+(an mpu with get_sequence_parallel_* / get_sequence_data_parallel_*) instead divides by D only, i.e. sums over
+the P ranks, which suits the unscaled per-group sum.
 """
 from __future__ import annotations
 

@@ -176,3 +176,62 @@ def run(rank: int, world: int, store: str, out: str) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
+
+
+def zero_step(rank: int, world: int, store: str, out: str, degree: int = 2) -> None:
+    """One DeepSpeed ZeRO-2 step (fp32, SGD with lr 1, no clipping) of a group-parallel tiny SiT whose ZeRO group
+    is the whole world (no mpu: D = world/P replicas x P group-parallel ranks). Rank 0 writes the update and the
+    single-process gradient of the replicas' mean loss for each loss form, to be compared by the test."""
+    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    import deepspeed
+
+    n, groups, replicas = 4, 2, world // degree
+    ctx = new_group_parallel(degree)
+    replica, m = rank // degree, n // degree
+
+    def batch(d: int) -> tuple[torch.Tensor, ...]:
+        gen = torch.Generator().manual_seed(100 + d)
+        b = groups * n
+        return (torch.randn(b, 4, 8, 8, generator=gen), torch.rand(b, generator=gen),
+                torch.randint(0, 10, (b,), generator=gen), torch.randn(b, 4, 8, 8, generator=gen))
+
+    def loss(out: torch.Tensor, w: torch.Tensor, form: str, members: int) -> torch.Tensor:
+        per_image = (out * w).flatten(1).sum(1)
+        if form == "image_mean":
+            return per_image.mean()
+        return per_image.view(groups, members).sum(1).mean()  # gd.diffusion.group_loss's form
+
+    result = {}
+    for form, scale in (("image_mean", 1.0), ("group_sum", 1.0), ("group_sum", float(degree))):
+        model = randomize(build_model("SiT-S/2", **{**TINY, "hidden_size": 32}), 0)
+        start = {k: p.detach().clone() for k, p in model.named_parameters()}
+        model.set_group_parallel(ctx)
+        config = {"train_micro_batch_size_per_gpu": groups * m, "gradient_accumulation_steps": 1,
+                  "train_batch_size": groups * m * world, "zero_optimization": {"stage": 2},
+                  "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                          config=config, dist_init_required=False)
+        x, t, y, w = batch(replica)
+        rows = torch.arange(groups * n).view(groups, degree, m)[:, ctx.rank].reshape(-1)
+        engine.backward(scale * loss(engine(x[rows], t[rows], y[rows], n), w[rows], form, m))
+        engine.step()
+        if rank == 0:
+            ref = randomize(build_model("SiT-S/2", **{**TINY, "hidden_size": 32}), 0)
+            for d in range(replicas):
+                x, t, y, w = batch(d)
+                (loss(ref(x, t, y, n), w, form, n) / replicas).backward()
+            update = {k: p.detach() - start[k] for k, p in engine.module.named_parameters()}
+            grads = {k: p.grad for k, p in ref.named_parameters()}
+            dot = sum(float((-update[k] * g).sum()) for k, g in grads.items())
+            result[f"{form}x{scale:g}"] = {
+                "err": max(float((update[k] + g).abs().max()) for k, g in grads.items()),
+                "scale": max(float(g.abs().max()) for g in grads.values()),
+                "ratio": dot / sum(float((g * g).sum()) for g in grads.values()),
+            }
+        del engine
+    if rank == 0:
+        with open(os.path.join(out, "zero.json"), "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()

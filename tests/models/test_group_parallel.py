@@ -13,10 +13,22 @@ import torch.multiprocessing as mp
 from gd.bench.group_parallel import BenchConfig, CommCounter, cost_rows
 from gd.models.group_parallel import GroupParallel, check_heads, comm_bytes, members_per_rank
 from tests.models.conftest import inputs, tiny
-from tests.models.group_parallel_worker import CASES, run
+from tests.models.group_parallel_worker import CASES, run, zero_step
 
 TOL = 1e-10
 TIMEOUT = 300
+
+
+def spawn(fn, world: int, out) -> None:
+    """``fn(rank, world, store, out)`` on ``world`` processes; a failure or a hang fails the test."""
+    context = mp.spawn(fn, args=(world, str(out / "store"), str(out)), nprocs=world, join=False)
+    deadline = time.monotonic() + TIMEOUT
+    while not context.join(timeout=1):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            # Ranks that disagree on which collectives to run block in gloo without its timeout firing.
+            for proc in context.processes:
+                proc.kill()
+            pytest.fail(f"{world} ranks did not finish in {TIMEOUT} s (mismatched collectives?)")
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda p: f"P{p}")
@@ -24,17 +36,11 @@ def spawned(request, tmp_path_factory):
     """Every case of group_parallel_worker on P ranks: {rank: result}."""
     p = request.param
     out = tmp_path_factory.mktemp(f"gp{p}")
-    context = mp.spawn(run, args=(p, str(out / "store"), str(out)), nprocs=p, join=False)
-    deadline = time.monotonic() + TIMEOUT
-    while not context.join(timeout=1):  # raises if a rank failed
-        if time.monotonic() > deadline:
-            # Ranks that disagree on which collectives to run block in gloo without its timeout firing.
-            for proc in context.processes:
-                proc.kill()
-            pytest.fail(f"P={p} ranks did not finish in {TIMEOUT} s (mismatched collectives?)")
+    spawn(run, p, out)
     return p, {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(p)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["ulysses", "allgather"])
 def test_outputs_and_gradients_equal_one_process(spawned, impl):
     """Outputs, input grads and every parameter grad (summed over the group-parallel ranks) equal the unsplit
@@ -57,6 +63,7 @@ def test_outputs_and_gradients_equal_one_process(spawned, impl):
                 assert r["window_matters"] > 1e-3, f"{where}: the window did not change the output; the case is moot"
 
 
+@pytest.mark.slow
 def test_allgather_takes_heads_ulysses_refuses(spawned):
     """All-gather keeps every head on every rank, so a head count P does not divide is exact too. Catches an
     all-gather path that silently depends on H % P."""
@@ -66,6 +73,7 @@ def test_allgather_takes_heads_ulysses_refuses(spawned):
         assert max(r["out"], r["x_grad"], r["param_grad"]) < TOL, f"P={p} rank {rank}: {r}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["ulysses", "allgather"])
 def test_counted_bytes_match_comm_bytes(spawned, impl):
     """Bytes counted from the collectives actually called in one forward + backward equal comm_bytes per group
@@ -81,6 +89,7 @@ def test_counted_bytes_match_comm_bytes(spawned, impl):
             assert r["calls"] == {k: v * layers for k, v in expected_calls.items()}, r
 
 
+@pytest.mark.slow
 def test_activation_memory_per_rank(spawned):
     """Saved-for-backward bytes per rank against one process holding the same N/P images in groups of N/P:
     Ulysses adds one activation a per group layer (a = this rank's share of one activation: the attention output
@@ -96,6 +105,7 @@ def test_activation_memory_per_rank(spawned):
         assert g["split"] - g["local"] == 2 * p * share * layers, f"P={p} rank {rank}: {g}"
 
 
+@pytest.mark.slow
 def test_refusals_name_the_values(spawned):
     """N not divisible by P and (Ulysses only) heads not divisible by P are refused with both values named."""
     p, results = spawned
@@ -107,6 +117,20 @@ def test_refusals_name_the_values(spawned):
         e = result["ulysses"]["errors"]
         assert f"num_heads={e['bad_heads']}" in e["heads"] and f"P={p}" in e["heads"], e
         assert "heads" not in result["allgather"]["errors"]
+
+
+@pytest.mark.slow
+def test_zero_over_the_world_gives_the_group_gradient(tmp_path):
+    """The gradient contract with DeepSpeed, on 4 ranks (2 replicas x P=2) under ZeRO-2 with no mpu: ZeRO
+    averages over all 4 ranks, which gives the gradient of the replicas' mean loss (SGD lr 1: update = -grad)
+    when each rank's loss is a per-image mean over its own images, or gd.diffusion's per-group sum scaled by P;
+    unscaled, the per-group sum gives 1/P of it. Catches a trainer that wires group parallelism into ZeRO with
+    the wrong normalisation, and collectives whose backward does not survive DeepSpeed's hooks."""
+    spawn(zero_step, 4, tmp_path)
+    r = json.loads((tmp_path / "zero.json").read_text())
+    for key in ("image_meanx1", "group_sumx2"):
+        assert r[key]["scale"] > 1.0 and r[key]["err"] < 1e-5 * r[key]["scale"], (key, r[key])
+    assert r["group_sumx1"]["ratio"] == pytest.approx(0.5, abs=1e-6), r["group_sumx1"]
 
 
 def test_degree_one_is_the_plain_path():
