@@ -12,6 +12,9 @@ Backends (``attn_backend``):
                     take the inputs are skipped by PyTorch, so the order only changes speed, never results.
   * ``xformers`` -- ``xformers.ops.memory_efficient_attention``; CUDA only. Checked at build time.
   * ``math``     -- softmax(QK^T/sqrt(d))V written out, softmax in fp32. The reference, and what S_cross uses.
+
+Under group parallelism (group_parallel.py) a rank holds N/P members of each group and the group's attention is
+computed with the other P-1 ranks; every backend above runs the local part.
 """
 from __future__ import annotations
 
