@@ -113,12 +113,13 @@ def launch_sweep(members: list[tuple[str, DictConfig]]) -> int:
     if (root / "launch.yaml").is_file():
         raise LaunchError(f"{root} is the directory of a single run (it has launch.yaml): give the sweep another "
                           "run.name")
-    if first.cluster.kind == "local":
-        return _run_one_after_another(cfgs)
     folder = _submitit_folder(root)
     job_name = f"gd-{root.name}"
     if first.launcher.dry_run:
-        print(dry_run(first, folder, members=cfgs, job_name=job_name))
+        if first.cluster.kind == "local":
+            print("\n".join(dry_run(cfg, _submitit_folder(Path(cfg.run.dir))) for cfg in cfgs))
+        else:
+            print(dry_run(first, folder, members=cfgs, job_name=job_name))
         return 0
     refused = []
     for cfg in cfgs:
@@ -132,6 +133,8 @@ def launch_sweep(members: list[tuple[str, DictConfig]]) -> int:
     if not cfgs:
         print(f"gd.launch: sweep {root.name}: every run is running or done, nothing submitted", flush=True)
         return 0
+    if first.cluster.kind == "local":
+        return _run_one_after_another(cfgs)
     executor = _array_executor(first, folder, job_name, len(cfgs))
     root.mkdir(parents=True, exist_ok=True, mode=0o755)
     for cfg in cfgs:

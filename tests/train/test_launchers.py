@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.train.conftest import REPO, _free_port, clean_streaming_shm, overrides, torchrun, wait
+from tests.train.conftest import REPO, clean_streaming_shm, overrides, torchrun, wait
 
 pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    """DeepSpeed's launcher has no way to bind a rendezvous port itself (torchrun's --standalone does): it takes one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_deepspeed_launcher_trains_two_ranks(fm_shards, tmp_path):
