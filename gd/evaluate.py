@@ -24,6 +24,7 @@ from gd.metrics.fid import feature_stats, frechet_distance, inception_score, pre
 from gd.metrics.inception import InceptionExtractor, build_inception
 from gd.sample import Layout, _bind_device, _device, _paths, generate
 
+
 def metric_settings(cfg: DictConfig) -> DictConfig:
     """conf/evaluate.yaml's ``metrics`` defaults overlaid with ``cfg.metrics`` (if any)."""
     defaults = read_yaml("evaluate.yaml").metrics

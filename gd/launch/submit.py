@@ -393,14 +393,18 @@ def _copy_new(path: Path, offset: int, stream: Any) -> int:
 
 
 def _check_tracking(cfg: DictConfig) -> None:
-    """wandb asked for (train.wandb.enabled) but not installed where the launch runs: refused before the queue."""
+    """The trainer's monitoring settings, refused before the queue: wandb asked for (train.wandb.enabled) but not
+    installed where the launch runs, a sample grid (train.sample_every) it could not make."""
+    if cfg.task != "train":
+        return
+    from gd.train.sample_grid import SampleGrid
     from gd.train.tracking import check_available
 
-    if cfg.task == "train":
-        try:
-            check_available(cfg)
-        except ImportError as err:
-            raise LaunchError(f"rejected, nothing was submitted:\n  - {err}") from err
+    try:
+        check_available(cfg)
+        SampleGrid.from_config(cfg)
+    except (ImportError, ValueError) as err:
+        raise LaunchError(f"rejected, nothing was submitted:\n  - {err}") from err
 
 
 def _check_cluster_chosen(cfg: DictConfig) -> None:

@@ -54,6 +54,9 @@ class SampleGrid(Callback):
             raise ValueError(f"train.sample_grid.method={g.method!r}: expected one of {METHODS}")
         if int(g.steps) < 1:
             raise ValueError(f"train.sample_grid.steps={g.steps}: expected >= 1")
+        if cfg.sample.decoder == "sdvae" and not cfg.sample.get("vae_path"):
+            raise ValueError("train.sample_every needs the VAE to decode the grid: sample.vae_path=<local "
+                             "AutoencoderKL folder> (or train.sample_every=0)")
         self.cond_n, self.uncond_n = BatchPlan(str(cfg.diffusion.mode), int(cfg.diffusion.group_size)
                                                ).sampling_group_sizes()
         self.classes = grid_classes(int(cfg.model.num_classes), int(g.classes))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,6 @@ from PIL import Image
 
 from tests.train.conftest import clean_streaming_shm, overrides, torchrun, wait
 
-pytestmark = pytest.mark.slow
 GRID = ["train.sample_grid.classes=3", "train.sample_grid.per_class=4", "train.sample_grid.method=euler",
         "train.sample_grid.steps=3", "train.sample_grid.cfg_scale=1.5", "model.sample_embed=none"]
 PAD, SIZE = 2, 8  # gd.sample.class_grid's padding; the tiny model's 8x8 images
@@ -63,6 +63,7 @@ def tb_images(run: Path) -> dict[int, bytes]:
     return {e.step: e.encoded_image_string for e in acc.Images("samples")} if "samples" in acc.Tags()["images"] else {}
 
 
+@pytest.mark.slow
 def test_grid_is_written_at_its_steps_from_the_ema(fm_shards, tmp_path):
     """Catches: a grid at the wrong steps or missing from tensorboard, sampled from the live weights instead of the
     EMA, with other noise, classes, guidance or NFEs than the reference, or noise that changes between grids. A
@@ -96,6 +97,7 @@ def test_grid_is_written_at_its_steps_from_the_ema(fm_shards, tmp_path):
                           np.asarray(Image.open(run / "grids" / "step_00000004.png").convert("RGB")))
 
 
+@pytest.mark.slow
 def test_grid_under_zero2_with_two_ranks(fm_shards, tmp_path):
     """Catches a grid that only rank 0 asks for: gathering the sharded EMA is a collective, so rank 1 must join it
     (else rank 0 waits forever), and only rank 0 writes the file."""
@@ -106,3 +108,23 @@ def test_grid_under_zero2_with_two_ranks(fm_shards, tmp_path):
     clean_streaming_shm(fm_shards)
     assert sorted(p.name for p in (run / "grids").iterdir()) == ["step_00000001.png", "step_00000002.png"]
     assert log.read_text().count("sample grid at step 2") == 1
+
+
+@pytest.mark.parametrize("extra,error", [
+    (["train.sample_every=0"], None),
+    (["train.sample_every=5", "sample.decoder=sdvae"], "sample.vae_path="),
+    (["train.sample_every=5", "train.sample_grid.method=ddim"], "train.sample_grid.method='ddim'"),
+    (["train.sample_every=5", "train.sample_grid.steps=0"], "train.sample_grid.steps=0"),
+])
+def test_grid_settings_are_checked_when_installed(tmp_path, extra, error):
+    """Catches a grid that is off by default no more, or whose settings fail only at its first step (hours in):
+    the trainer builds it before any work (and gd.launch before submitting), naming the bad setting."""
+    from gd.train.__main__ import compose_config
+    from gd.train.sample_grid import SampleGrid
+
+    cfg = compose_config(overrides(tmp_path / "no-shards", tmp_path / "run", *extra))
+    if error is None:
+        assert SampleGrid.from_config(cfg) is None and SampleGrid.from_config(compose_config([])) is None
+    else:
+        with pytest.raises(ValueError, match=re.escape(error)):
+            SampleGrid.from_config(cfg)
