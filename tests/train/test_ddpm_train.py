@@ -99,3 +99,22 @@ def test_ddpm_run_resumes_bitwise_and_refuses_the_flow_objective(fm_shards, tmp_
     a = torch.load(ref / "ema.pt", weights_only=True)["model"]
     b = torch.load(stopped / "ema.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_bench_steps_run_the_ddpm_objective(capsys):
+    """gd.bench.train with diffusion=ddpm_groupdiff_l: the plain-torch reference step and the trainer's engine step
+    both run the DDPM loss (a flow loss on the 2C-channel call, or the DDPM loss without full_output, would end in an
+    error row without img/s)."""
+    from pathlib import Path
+
+    from gd.bench.train import main
+
+    args = [a for a in overrides(Path("unused"), Path("unused")) if not a.startswith("diffusion")]
+    main([*args, "diffusion=ddpm_groupdiff_l", "model.learn_sigma=true", "bench.isolate=false", "bench.steps=2",
+          "bench.warmup=1", "bench.batch=8", "bench.group_sizes=[4]", "bench.compile=[false]",
+          "bench.variants=[z2_fp32]"])
+    table = capsys.readouterr().out.split("| mode |")[-1].strip().splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in table] == ["reference", "engine"]
+    for row in table:
+        assert float(row.split("|")[5]) > 0, row
