@@ -255,8 +255,8 @@ def load_sampling_model(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, d
     trained = stored_objective(raw)
     if trained is not None and trained != objective.name:
         raise ValueError(f"{path} was trained with diffusion.objective={trained}, but this config samples with "
-                         f"diffusion.objective={objective.name}: use the run's own experiment (e.g. +exp=groupdiff4_dit "
-                         "for a DDPM/DiT run, +exp=groupdiff4 for a flow/SiT one)")
+                         f"diffusion.objective={objective.name}: use the run's own experiment (e.g. "
+                         "+exp=groupdiff4_dit for a DDPM/DiT run, +exp=groupdiff4 for a flow/SiT one)")
     state, config, entry = unpack_checkpoint(raw, source=str(path))
     sidecar = path.parent / "model.json"
     if config is None and sidecar.is_file():

@@ -210,8 +210,8 @@ class DDPMSampler:
     schedule: str
 
     def settings(self) -> dict[str, Any]:
-        return {"objective": "ddpm", "num_timesteps": self.num_timesteps, "schedule": self.schedule, "variance": self.diffusion.variance, "method": self.method,
-                "steps": self.steps, "eta": self.eta, "cfg_scale": self.cfg_scale,
+        return {"objective": "ddpm", "num_timesteps": self.num_timesteps, "schedule": self.schedule,
+                "variance": self.diffusion.variance, "method": self.method, "steps": self.steps, "eta": self.eta, "cfg_scale": self.cfg_scale,
                 "cfg_interval": None if self.cfg_interval is None else list(self.cfg_interval),
                 "cfg_channels": self.cfg_channels}
 

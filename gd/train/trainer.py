@@ -10,8 +10,8 @@ The batch plan (gd.diffusion.plan) decides per micro-batch (released recipe: eac
 draws its own kind) whether it is conditional (plain stream, group size 1) or a group micro-batch (group stream,
 group size N); all hold the same number of images, and the objective's mean over images gives each image the
 same weight. The objective (``diffusion.objective``: SiT's flow or DiT's DDPM, gd.diffusion.objectives) owns the
-loss and the time the model is called with. Every random draw of a micro-batch (labels dropped, t, noise, sample-embedding slots) comes from
-generators seeded by (seed, step, rank, micro), and the data streams resume from their saved state, so a resumed
+loss and the time the model is called with. Every random draw of a micro-batch (labels dropped, t, noise,
+sample-embedding slots) comes from generators seeded by (seed, step, rank, micro), and the data streams resume from their saved state, so a resumed
 run repeats the uninterrupted one bit for bit on CPU.
 """
 from __future__ import annotations

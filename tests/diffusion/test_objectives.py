@@ -34,9 +34,9 @@ class Recorder:
 
 def test_ddpm_loss_gets_the_configs_spread_anchor_rule_reduction_and_full_output() -> None:
     """diffusion.sigma_tv=100, sigma_tv_draw=anchor, loss_reduction=group_sum reach the DDPM loss: the model is
-    called with all channels, integer t drawn first from the micro-batch generator (replayed with the phase-1 draw
-    at spread 100, member 0 keeping its base), then the noise, x_t = sqrt(ᾱ_t) x + sqrt(1 - ᾱ_t) ε with ᾱ from the
-    closed form; group_sum is N times the mean. Catches sigma_tv ignored or read as flow time, the draw order
+    called with all channels, integer t drawn first from the micro-batch generator (replayed with the phase-1
+    draw at spread 100, member 0 keeping its base), then the noise, x_t = sqrt(ᾱ_t) x + sqrt(1 - ᾱ_t) ε with ᾱ
+    from the closed form; group_sum is N times the mean. Catches sigma_tv ignored or read as flow time, the draw order
     swapped, the learned variance not requested, and the reduction not passed."""
     gen_seed, x = 11, torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     y = torch.zeros(8, dtype=torch.long)
