@@ -93,15 +93,16 @@ def _time(step: Callable[[], None], warmup: int, steps: int) -> float:
 
 
 def reference_step(cfg: Any, n: int, compile_: bool, device: torch.device, fused: bool | None = None,
-                   autocast: bool | None = None, readback: bool = True) -> Step:
+                   autocast: bool | None = None, readback: bool = True, objective: Any = None) -> Step:
     """The official recipe in bf16: fp32 weights, bf16 autocast, fused AdamW, clipping from ``cfg.train``, an fp32
     EMA of every parameter and ``loss.item()`` once per step, as SiT's train.py does.
     ``fused`` / ``autocast`` None: as on CUDA when on CUDA, foreach AdamW and fp32 elsewhere. ``readback=False``
-    drops the ``loss.item()`` (fake tensors have no values). The loss is the run's objective's (flow or DDPM)."""
+    drops the ``loss.item()`` (fake tensors have no values). The loss is the run's objective's (flow or DDPM;
+    ``objective``, else built from ``cfg.diffusion``: a DDPM schedule must be built outside FakeTensorMode)."""
     from gd.diffusion.objectives import build_objective
 
     b = cfg.bench
-    objective = build_objective(cfg.diffusion, cfg.model)
+    objective = objective if objective is not None else build_objective(cfg.diffusion, cfg.model)
     model = _build(cfg).train()
     if next(model.parameters()).device != device:  # (a no-op .to() fails on fake tensors)
         model = model.to(device)
