@@ -37,12 +37,14 @@ def test_ddpm_objective_trains_through_the_trainer(fm_shards, tmp_path):
     DDPM integer timesteps in [0, 999], a group's within 2 sigma_tv = 100 steps of each other, full_output=True
     (the learned variance is trained), group micro-batches at N = 4 with null labels; the hybrid loss falls (mean
     of the first 5 steps vs the last 5; measured 0.96 -> 0.23 on a 2-core CPU) and both per-kind losses are
-    logged. Catches the trainer running the flow loss (float t in [0, 1], 4 output channels), sigma_tv taken as
+    logged, and S_cross is probed at the DDPM step of signal-to-noise ratio 1 (index 258). Catches the trainer
+    running the flow loss (float t in [0, 1], 4 output channels), sigma_tv taken as
     flow time, and a model fed respaced or fractional time."""
     from gd.train.trainer import Trainer
 
     run = tmp_path / "run"
-    cfg = compose(*overrides(fm_shards, run, *DIT, "train.steps=40", "diffusion.sigma_tv=50"))
+    cfg = compose(*overrides(fm_shards, run, *DIT, "train.steps=40", "diffusion.sigma_tv=50",
+                             "train.s_cross_every=20"))
     trainer = Trainer(cfg)
     seen = []
     hook = trainer.model.register_forward_pre_hook(
@@ -51,7 +53,9 @@ def test_ddpm_objective_trains_through_the_trainer(fm_shards, tmp_path):
     trainer.train()
     hook.remove()
     _free(fm_shards)
-    assert len(seen) == 80
+    probes = [(t, n) for t, _, n, full in seen if full is None]  # the S_cross probe's forwards
+    seen = [call for call in seen if call[3] is not None]
+    assert len(seen) == 80 and probes and all(n == 4 and torch.all(t == 258) for t, n in probes)
     for t, y, n, full in seen:
         assert full is True and t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) <= 999
         groups = t.view(-1, n)
@@ -65,6 +69,8 @@ def test_ddpm_objective_trains_through_the_trainer(fm_shards, tmp_path):
     last = sum(r["loss"] for r in recs[-5:]) / 5
     assert last < 0.5 * first, (first, last)
     assert any("loss_cond" in r for r in recs) and any("loss_group" in r for r in recs)
+    scores = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "s_cross" in line]
+    assert [r["step"] for r in scores] == [20, 40] and all(0.0 <= r["s_cross"] <= 1.0 for r in scores)
     exported = torch.load(run / "ema.pt", weights_only=True)
     assert exported["objective"] == "ddpm" and exported["config"]["learn_sigma"] is True
     assert exported["model"]["final_layer.linear.weight"].shape[0] == 2 * 2 * 2  # 2C channels, patch 2
