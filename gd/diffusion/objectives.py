@@ -71,11 +71,12 @@ class Objective(Protocol):
 
 
 def _methods_error(method: Any, objective: str, methods: tuple[str, ...]) -> ValueError:
-    other = [name for name in OBJECTIVES if name != objective]
-    hint = (" (a DiT / DDPM model: diffusion=ddpm_groupdiff_l or +exp=groupdiff4_dit, sample.method=ddpm)"
-            if method in DDPM_METHODS else "")
+    """The error for a sample.method that is not one of ``objective``'s ``methods``, naming whose it is."""
     if method in FLOW_METHODS or method in DDPM_METHODS:
-        return ValueError(f"sample.method={method!r} samples the {other[0]} objective, but diffusion.objective="
+        owner = "flow" if method in FLOW_METHODS else "ddpm"
+        hint = (" (a DiT / DDPM model: diffusion=ddpm_groupdiff_l or +exp=groupdiff4_dit, sample.method=ddpm)"
+                if owner == "ddpm" else "")
+        return ValueError(f"sample.method={method!r} samples the {owner} objective, but diffusion.objective="
                           f"{objective}: its samplers are {' | '.join(methods)}{hint}")
     return ValueError(f"sample.method={method!r}: expected one of {' | '.join(methods)} "
                       f"(diffusion.objective={objective})")
@@ -211,7 +212,8 @@ class DDPMSampler:
 
     def settings(self) -> dict[str, Any]:
         return {"objective": "ddpm", "num_timesteps": self.num_timesteps, "schedule": self.schedule,
-                "variance": self.diffusion.variance, "method": self.method, "steps": self.steps, "eta": self.eta, "cfg_scale": self.cfg_scale,
+                "variance": self.diffusion.variance, "method": self.method, "steps": self.steps, "eta": self.eta,
+                "cfg_scale": self.cfg_scale,
                 "cfg_interval": None if self.cfg_interval is None else list(self.cfg_interval),
                 "cfg_channels": self.cfg_channels}
 
@@ -237,7 +239,8 @@ class DDPMObjective:
                                          learn_sigma=bool(learn_sigma))
         self.schedule = str(schedule)
         t_max = self.diffusion.num_timesteps - 1
-        if isinstance(sigma_tv, bool) or float(sigma_tv) != int(float(sigma_tv)) or not 0 <= float(sigma_tv) <= t_max:
+        whole = not isinstance(sigma_tv, bool) and float(sigma_tv) == int(float(sigma_tv))
+        if not whole or not 0 <= float(sigma_tv) <= t_max:
             raise ValueError(f"diffusion.sigma_tv={sigma_tv}: with diffusion.objective=ddpm it is a half-width in "
                              f"DDPM timesteps, an integer in [0, {t_max}] (the paper's 50-200; the released code's "
                              "timesteps_offset o is int(o * 1000) steps)")
