@@ -276,7 +276,6 @@ class Trainer:
                 steplog.add(self.layout.micro_batch, result, self.plan.group_size)
                 last_loss = result.loss if result.loss is not None else last_loss
                 logger.advance()
-                self.callbacks.on_step_end(self, step)
                 probe = self.probe.maybe_measure(step, self.engine)
                 if probe is not None:
                     logger.log(step, probe)
@@ -291,6 +290,7 @@ class Trainer:
                     break
                 if self.checkpointer.due(step, self.steps):
                     self.save(step)
+                self.callbacks.on_step_end(self, step)
             if not preempted and d.is_main:
                 log.info("training done at step %d (%s)", step, eng.engine_dtype(self.engine))
             ema_state = self.ema.full_state() if not preempted else None
