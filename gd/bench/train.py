@@ -93,14 +93,16 @@ def _time(step: Callable[[], None], warmup: int, steps: int) -> float:
 
 
 def reference_step(cfg: Any, n: int, compile_: bool, device: torch.device, fused: bool | None = None,
-                   autocast: bool | None = None, readback: bool = True) -> Step:
+                   autocast: bool | None = None, readback: bool = True, objective: Any = None) -> Step:
     """The official recipe in bf16: fp32 weights, bf16 autocast, fused AdamW, clipping from ``cfg.train``, an fp32
     EMA of every parameter and ``loss.item()`` once per step, as SiT's train.py does.
     ``fused`` / ``autocast`` None: as on CUDA when on CUDA, foreach AdamW and fp32 elsewhere. ``readback=False``
-    drops the ``loss.item()`` (fake tensors have no values)."""
-    from gd.diffusion.objective import group_loss
+    drops the ``loss.item()`` (fake tensors have no values). The loss is the run's objective's (flow or DDPM;
+    ``objective``, else built from ``cfg.diffusion``: a DDPM schedule must be built outside FakeTensorMode)."""
+    from gd.diffusion.objectives import build_objective
 
     b = cfg.bench
+    objective = objective if objective is not None else build_objective(cfg.diffusion, cfg.model)
     model = _build(cfg).train()
     if next(model.parameters()).device != device:  # (a no-op .to() fails on fake tensors)
         model = model.to(device)
@@ -111,14 +113,14 @@ def reference_step(cfg: Any, n: int, compile_: bool, device: torch.device, fused
     params = list(model.parameters())
     ema = [p.detach().clone() for p in params]
     decay = float(cfg.train.ema_decay)
-    fwd = torch.compile(model) if compile_ else model
+    fwd = objective.network(torch.compile(model) if compile_ else model)
     x, y = _batch(model, int(b.batch), device)
     gen = torch.Generator(device=device).manual_seed(0)
     amp = device.type == "cuda" if autocast is None else autocast
 
     def forward() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = group_loss(lambda xt, t, yy, gs: fwd(xt, t, yy, group_size=gs), x, y, n, generator=gen)
+            loss, _ = objective.loss(lambda xt, t, yy, gs: fwd(xt, t, yy, group_size=gs), x, y, n, gen)
         return loss
 
     def backward(loss: torch.Tensor) -> None:

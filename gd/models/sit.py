@@ -4,7 +4,9 @@ Parameter names and shapes are those of the official willisma/SiT (and facebookr
 checkpoints load 1:1. Two additions:
 
 * group attention (see attention.py), on when ``forward(..., group_size=N)`` has N > 1, limited by
-  ``group_layers`` ([first, last) block indices) and ``group_t_window`` ([t_lo, t_hi] in model time);
+  ``group_layers`` ([first, last) block indices) and ``group_t_window`` ([t_lo, t_hi] in the units of the t the
+  model is called with: flow time in [0, 1] (t = 0 noise), or DDPM indices 0..999 (999 noise) for a DiT/DDPM
+  model; gd.diffusion.objectives checks it against the run's objective);
 * ``sample_embed`` (max_group_size, hidden): a learnable embedding of each image's slot in its group, in one of
   two places (``sample_embed=``):
   - "cond" (the released GroupDiff code): added to the conditioning vector, c = t_emb + y_emb + s_emb[slot], so it
@@ -410,9 +412,10 @@ def _validate(input_size: int, patch_size: int, hidden_size: int, depth: int, nu
     if group_layers is not None:
         if len(group_layers) != 2 or not 0 <= group_layers[0] <= group_layers[1] <= depth:
             raise ValueError(f"group_layers={list(group_layers)}: expected [first, last) with 0 <= first <= last <= depth={depth}")
-    if group_t_window is not None:
-        if len(group_t_window) != 2 or not 0.0 <= group_t_window[0] <= group_t_window[1] <= 1.0:
-            raise ValueError(f"group_t_window={list(group_t_window)}: expected [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1")
+    if group_t_window is not None:  # its upper bound depends on the time the model is called with (the objective's)
+        if len(group_t_window) != 2 or not 0.0 <= group_t_window[0] <= group_t_window[1]:
+            raise ValueError(f"group_t_window={list(group_t_window)}: expected [t_lo, t_hi] with 0 <= t_lo <= t_hi "
+                             "(flow time in [0, 1], or DDPM timestep indices)")
 
 
 # The options build_model takes: SiT's own arguments and their defaults (the official SiT-XL/2 ImageNet-256 setup),

@@ -1,11 +1,12 @@
 """Sample grids while training: every ``train.sample_every`` steps, a grid from the EMA weights with fixed noise.
 
 A run going wrong (collapsed groups, colour shifts, noise) shows in its samples hours before any FID. The grid holds
-``train.sample_grid.classes`` rows (classes evenly spaced over the model's), ``per_class`` images each, sampled in
-the run's mode as gd.sample does (``BatchPlan.sampling_group_sizes``: GroupDiff-l groups only the unconditional
-branch, -f both; a class's images form its groups) with a few NFEs. Noise, SDE noise and sample-embedding slots come
-from generators seeded by ``sample_grid.seed`` only, so the grids of one run differ only by the weights: the same
-images at every step of a converged run.
+``train.sample_grid.classes`` rows (classes evenly spaced over the model's), ``per_class`` images each, sampled as
+gd.sample does: with the run's objective's sampler (``diffusion.objective``: flow, or DDPM for DiT; ``sample.*``
+settings with the grid's ``method``, ``steps`` and ``cfg_scale``, a few NFEs) in the run's mode
+(``BatchPlan.sampling_group_sizes``: GroupDiff-l groups only the unconditional branch, -f both; a class's images
+form its groups). Noise, sampler noise and sample-embedding slots come from generators seeded by
+``sample_grid.seed`` only, so the grids of one run differ only by the weights.
 
 Written by rank 0 to ``<run.dir>/grids/step_XXXXXXXX.png`` (atomically) and through the run's metrics sinks
 (tensorboard, wandb). Under ZeRO the EMA is sharded: gathering it (:meth:`ShardedEMA.full_state`) is a collective,
@@ -30,6 +31,8 @@ log = logging.getLogger("gd.train")
 
 __all__ = ["SampleGrid", "grid_classes"]
 
+DEFAULT_METHOD = {"flow": "euler", "ddpm": "ddim"}  # deterministic, good in few steps
+
 
 def grid_classes(num_classes: int, rows: int) -> list[int]:
     """``rows`` class ids evenly spaced over ``num_classes`` (all of them when there are fewer)."""
@@ -39,10 +42,13 @@ def grid_classes(num_classes: int, rows: int) -> list[int]:
 
 class SampleGrid(Callback):
     """Samples and writes the grid every ``every`` steps (``cfg``: the run config; its ``train.sample_grid`` block
-    and ``sample`` block (decoder, CFG interval and channels, precision) say how)."""
+    and ``sample`` block (sampler options, CFG interval and channels, decoder, precision) say how). Its settings are
+    checked here, before any training step."""
 
     def __init__(self, cfg: Any, every: int) -> None:
-        from gd.diffusion import METHODS
+        from omegaconf import OmegaConf
+
+        from gd.diffusion.objectives import build_objective
         from gd.diffusion.plan import BatchPlan
         from gd.sample import Layout
 
@@ -50,10 +56,18 @@ class SampleGrid(Callback):
         g = cfg.train.sample_grid
         if self.every < 1:
             raise ValueError(f"train.sample_every={every}: expected >= 1 (0 turns the grid off)")
-        if g.method not in METHODS:
-            raise ValueError(f"train.sample_grid.method={g.method!r}: expected one of {METHODS}")
-        if int(g.steps) < 1:
-            raise ValueError(f"train.sample_grid.steps={g.steps}: expected >= 1")
+        for key in ("classes", "per_class"):
+            if int(g[key]) < 1:
+                raise ValueError(f"train.sample_grid.{key}={g[key]}: expected >= 1")
+        self.objective = build_objective(cfg.diffusion, cfg.model)
+        method = g.get("method") or DEFAULT_METHOD[self.objective.name]
+        settings = {**OmegaConf.to_container(cfg.sample, resolve=True), "method": method, "steps": g.steps,
+                    "cfg_scale": g.cfg_scale}
+        try:
+            self.sampler = self.objective.sampler(settings)
+        except ValueError as err:
+            raise ValueError(f"train.sample_grid (method={method!r}, steps={g.steps!r}, cfg_scale={g.cfg_scale}; the "
+                             f"rest from sample.*): {err}") from err
         if cfg.sample.decoder == "sdvae" and not cfg.sample.get("vae_path"):
             raise ValueError("train.sample_every needs the VAE to decode the grid: sample.vae_path=<local "
                              "AutoencoderKL folder> (or train.sample_every=0)")
@@ -91,8 +105,7 @@ class SampleGrid(Callback):
     @torch.no_grad()
     def sample(self, model_config: dict[str, Any], state: dict[str, torch.Tensor], device: torch.device) -> np.ndarray:
         """The grid (uint8 H x W x 3) of the model ``model_config`` with the weights ``state``."""
-        from gd.diffusion import sample as diffusion_sample
-        from gd.sample import SeededSlots, build_decoder, chunk_generator, class_grid, sde_options, slot_noise
+        from gd.sample import SeededSlots, build_decoder, chunk_generator, class_grid, slot_noise
 
         g, s = self.cfg.train.sample_grid, self.cfg.sample
         seed, layout = int(g.seed), self.layout
@@ -105,17 +118,13 @@ class SampleGrid(Callback):
             rows = layout.slot_labels(slots)
             labels = torch.as_tensor([self.classes[r] for r in rows], device=device)
             noise = slot_noise(seed, slots, (model.in_channels, model.input_size, model.input_size)).to(device)
-            velocity = model
+            net = self.objective.network(model)
             if getattr(model, "embed_mode", "none") == "cond":
-                velocity = SeededSlots(model, model, chunk_generator(seed, 0, stream=2))
+                net = SeededSlots(net, model, chunk_generator(seed, 0, stream=2))
             precision = str(s.get("precision", "fp32"))
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-            with autocast:
-                latents = diffusion_sample(
-                    velocity, noise, labels, method=str(g.method), steps=int(g.steps), cfg_scale=float(g.cfg_scale),
-                    cfg_interval=tuple(float(v) for v in s.cfg_interval), cfg_channels=s.cfg_channels,
-                    group_size=self.cond_n, uncond_group_size=self.uncond_n, generator=chunk_generator(seed, 0),
-                    null_class=int(model.num_classes), **(sde_options(s) if g.method == "sde" else {}))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                latents = self.sampler(net, noise, labels, group_size=self.cond_n, uncond_group_size=self.uncond_n,
+                                       generator=chunk_generator(seed, 0), null_class=int(model.num_classes))
             kept = layout.slot_kept(slots)
             images = self._decoder.decode(latents.float()[torch.as_tensor(kept, device=device)]).cpu().numpy()
         return class_grid(images, rows[kept], len(self.classes), layout.per_class)

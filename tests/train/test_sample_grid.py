@@ -113,8 +113,9 @@ def test_grid_under_zero2_with_two_ranks(fm_shards, tmp_path):
 @pytest.mark.parametrize("extra,error", [
     (["train.sample_every=0"], None),
     (["train.sample_every=5", "sample.decoder=sdvae"], "sample.vae_path="),
-    (["train.sample_every=5", "train.sample_grid.method=ddim"], "train.sample_grid.method='ddim'"),
-    (["train.sample_every=5", "train.sample_grid.steps=0"], "train.sample_grid.steps=0"),
+    (["train.sample_every=5", "train.sample_grid.method=ddim"], "train.sample_grid (method='ddim'"),
+    (["train.sample_every=5", "train.sample_grid.steps=0"], "sample.steps=0: expected >= 1"),
+    (["train.sample_every=5", "train.sample_grid.per_class=0"], "train.sample_grid.per_class=0"),
 ])
 def test_grid_settings_are_checked_when_installed(tmp_path, extra, error):
     """Catches a grid that is off by default no more, or whose settings fail only at its first step (hours in):
