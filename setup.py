@@ -6,7 +6,7 @@ pyproject.toml alone cannot map a folder outside gd/ into it while also finding 
 """
 from setuptools import find_namespace_packages, find_packages, setup
 
-CONF = ["gd.conf", *(f"gd.conf.{name}" for name in find_namespace_packages(where="conf"))]
+CONF = ["gd.conf", *(f"gd.conf.{name}" for name in find_namespace_packages(where="conf", exclude=["*__pycache__*"]))]
 
 setup(
     packages=[*find_packages(include=["gd", "gd.*"]), *CONF],
