@@ -1,5 +1,6 @@
-"""Every entry point answers --help (as ``python -m`` from a checkout; tests/test_packaging.py runs the console scripts
-of an installed wheel), and gd.train takes the flags its launchers pass: --cfg job, --resolve, --local_rank."""
+"""Entry points answer --help from a checkout (``python -m``; gd.sample and gd.evaluate, whose imports take seconds,
+only as console scripts of the installed wheel in tests/test_packaging.py, which runs all five), and gd.train takes
+the flags its launchers pass: --cfg job, --resolve, --local_rank."""
 from __future__ import annotations
 
 import os
@@ -14,8 +15,6 @@ HELP = [
     (["-m", "gd.launch", "--help"], "gd-launch -m +cluster=slurm"),
     (["-m", "gd.launch", "status", "--help"], "usage: gd-launch status"),
     (["-m", "gd.train", "--help"], "deepspeed --num_gpus 8 --module gd.train"),
-    (["-m", "gd.sample", "--help"], "gd-sample / gd-evaluate"),
-    (["-m", "gd.evaluate", "--help"], "gd-sample / gd-evaluate"),
     (["-m", "gd.build_shards", "--help"], "gd-build-shards"),
     ([str(REPO / "tools" / "build_shards.py"), "--help"], "gd-build-shards"),
 ]
