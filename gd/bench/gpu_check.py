@@ -19,6 +19,7 @@ import collections
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import subprocess
@@ -100,8 +101,19 @@ class Report:
     def save(self) -> None:
         from gd.bench.gpu_report import render
 
-        atomic_write_text(self.out / JSON_NAME, json.dumps(self.data, indent=1, default=str))
+        atomic_write_text(self.out / JSON_NAME, json.dumps(finite(self.data), indent=1, default=str, allow_nan=False))
         atomic_write_text(self.out / MD_NAME, render(self.data))
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (a row that measured nothing) as None: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def orchestrate(cfg: DictConfig, args: list[str]) -> int:

@@ -234,7 +234,10 @@ def train(cfg: DictConfig, budget: Any, save: Save) -> dict[str, Any]:
         if bool(c.isolate):
             row = bench.run_child("gd.bench.train", row_args, spec, timeout=budget.left())
         else:
-            row = bench.measure(bench.compose_bench(row_args), spec, bench.bench_device())
+            try:
+                row = bench.measure(bench.compose_bench(row_args), spec, bench.bench_device(spec))
+            except Exception as err:  # e.g. no DeepSpeed for the process group: this row only
+                row = {**spec, "error": f"{type(err).__name__}: {str(err)[:200]}"}
         row["wall_s"] = time.time() - start
         rows.append(row)
         print(f"train: {_label(row)}: {row.get('ips', math.nan):.1f} img/s {row.get('error') or ''} "

@@ -283,9 +283,11 @@ def main(argv: list[str] | None = None) -> int:
 _CHILD, _RESULT = "GD_BENCH_ONE", "GD_BENCH_RESULT "
 
 
-def bench_device() -> torch.device:
-    """This process's device (its process group started first, as the trainer needs one)."""
-    eng.init_distributed()
+def bench_device(spec: dict | None = None) -> torch.device:
+    """This process's device. The trainer's rows start the process group first (DeepSpeed's, which needs one even
+    for one process); plain rows do not, so they run where DeepSpeed does not import."""
+    if spec is None or spec.get("mode") != "reference":
+        eng.init_distributed()
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -294,7 +296,8 @@ def child_measure(cfg: Any, measure: Measure) -> bool:
     one = os.environ.get(_CHILD)
     if one is None:
         return False
-    print(_RESULT + json.dumps(measure(cfg, json.loads(one), bench_device())), flush=True)
+    spec = json.loads(one)
+    print(_RESULT + json.dumps(measure(cfg, spec, bench_device(spec))), flush=True)
     return True
 
 
@@ -305,7 +308,7 @@ def run_specs(cfg: Any, args: list[str], module: str, measure: Measure,
     rows: list[dict] = []
     for spec in _specs(cfg.bench):
         rows.append(run_child(module, args, spec) if bool(cfg.bench.get("isolate", True))
-                    else measure(cfg, spec, bench_device()))
+                    else measure(cfg, spec, bench_device(spec)))
         print(fmt(rows[-1], rows), flush=True)
     return rows
 

@@ -18,7 +18,7 @@ def _run(cfg, spec: dict, device: torch.device, steps: int = 3) -> dict:
     losses = []
     for _ in range(steps):
         loss = step.forward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         step.backward(loss)
         step.update()
     trainer = step.keep

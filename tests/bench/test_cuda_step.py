@@ -18,7 +18,7 @@ def _losses(step: bench.Step, steps: int = 3) -> list[float]:
     out = []
     for _ in range(steps):
         loss = step.forward()
-        out.append(float(loss))
+        out.append(float(loss.detach()))
         step.backward(loss)
         step.update()
     return out

