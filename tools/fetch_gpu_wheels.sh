@@ -21,7 +21,10 @@ source_only=(deepspeed==0.19.8 antlr4-python3-runtime==4.9.3)  # sdists on PyPI:
 "$py" -m pip download -q --no-deps --only-binary=:all: "${plat[@]}" -d "$dest" "${binary[@]}"
 "$py" -m pip wheel -q --no-deps -w "$dest" "${source_only[@]}"
 for whl in "$dest"/*.whl; do
-  case "$whl" in *-none-any.whl|*cp312*manylinux*x86_64.whl) ;; *) echo "not for the GPU machine: $whl" >&2; exit 1;; esac
+  case "$whl" in
+    *-none-any.whl | *cp312*manylinux*x86_64.whl) ;;
+    *) echo "not for the GPU machine (Python 3.12, x86-64): $whl" >&2; exit 1 ;;
+  esac
 done
 ls -1 "$dest"
 du -sh "$dest"

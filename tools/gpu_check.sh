@@ -12,7 +12,10 @@ shift
 py=${PYTHON:-python3}
 has() { "$py" -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in sys.argv[1:]))" "$@"; }
 if ! has deepspeed hydra omegaconf; then
-  compgen -G ".whl/*.whl" >/dev/null || { echo "deepspeed/hydra missing and no .whl/: run tools/fetch_gpu_wheels.sh" >&2; exit 2; }
+  if ! compgen -G ".whl/*.whl" >/dev/null; then
+    echo "deepspeed or hydra does not import and there is no .whl/: run tools/fetch_gpu_wheels.sh" >&2
+    exit 2
+  fi
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gd-site .whl/*.whl
   export PYTHONPATH=/tmp/gd-site${PYTHONPATH:+:$PYTHONPATH}
 fi

@@ -70,11 +70,10 @@ def machine() -> dict[str, Any]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    return {"python": platform.python_version(), "cpus": os.cpu_count(), "host": platform.node(),
-            "versions": versions}
+    return {"python": platform.python_version(), "cpus": os.cpu_count(), "versions": versions}
 
 
-def part_budgets(cfg: DictConfig, name: str, left: float) -> float:
+def part_budget(cfg: DictConfig, name: str, left: float) -> float:
     """Seconds part ``name`` may run when ``left`` seconds of the whole check remain: all of them but the
     budgets of the parts after it (so it inherits what earlier parts left unused), at most ``left``."""
     later = list(cfg.parts)[list(cfg.parts).index(name) + 1:]
@@ -128,7 +127,7 @@ def orchestrate(cfg: DictConfig, args: list[str]) -> int:
             if left < float(cfg.min_part_s):
                 report.set(name, {"status": "skipped", "reason": f"the check's budget ({cfg.budget_s:g} s) is spent"})
                 continue
-            budget = part_budgets(cfg, name, left)
+            budget = part_budget(cfg, name, left)
             print(f"== {name}: up to {budget:.0f} s", flush=True)
             entry = run_part_child(name, args, budget, float(cfg.grace_s), peak, Path(tmp))
             report.set(name, entry)

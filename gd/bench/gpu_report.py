@@ -13,9 +13,10 @@ OFFICIAL = ("For comparison, the official SiT code on one H200 (an earlier run, 
 
 
 def _num(value: Any, fmt: str = ".1f") -> str:
+    """``value`` formatted (a trailing ``%`` in ``fmt`` is printed as is), or a dash when there is none."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
-    return format(value, fmt)
+    return format(value, fmt[:-1]) + "%" if fmt.endswith("%") else format(value, fmt)
 
 
 def render(report: dict[str, Any]) -> str:
@@ -69,8 +70,9 @@ def _train(r: dict, peak: dict) -> list[str]:
                     and x["compile"] == row["compile"] and x.get("overrides") == row.get("overrides")), None)
         rel = row.get("ips", math.nan) / ref["ips"] if ref and ref.get("ips") else math.nan
         name = "plain torch" if row["mode"] == "reference" else f"trainer {row['variant']}"
-        out.append(f"| {row['n']} | {name} | {'yes' if row['compile'] else 'no'} | {' '.join(row.get('overrides', []))} "
-                   f"| {_num(row.get('ips'))} | {_num(row.get('tflops'))} | {_num(_pct(row.get('mfu')))} | "
+        extra = " ".join(row.get("overrides", []))
+        out.append(f"| {row['n']} | {name} | {'yes' if row['compile'] else 'no'} | {extra} | {_num(row.get('ips'))}"
+                   f" | {_num(row.get('tflops'))} | {_num(_pct(row.get('mfu')))} | "
                    f"{_num(row.get('mem'))} | {_num(rel, '.2f')} | {_num(row.get('warmup_s'), '.0f')} | "
                    f"{_num(row.get('wall_s'), '.0f')} | {row.get('error', '')[:160]} |")
     out += _skips(r)
@@ -93,8 +95,9 @@ def _goals(rows: list[dict]) -> str:
     def verdict(ok: bool, measured: float) -> str:
         return "not measured" if math.isnan(measured) else ("met" if ok else "not met")
 
-    return (f"Goals (trainer rows): N=1 ≥ {GOAL_IPS_N1:.0f} img/s: best {_num(n1)} ({verdict(n1 >= GOAL_IPS_N1, n1)}); "
-            f"N=16 ≥ {GOAL_MFU_N16:.0%} MFU: best {_num(_pct(mfu))}% ({verdict(mfu >= GOAL_MFU_N16, mfu)}); "
+    return (f"Goals (trainer rows): N=1 ≥ {GOAL_IPS_N1:.0f} img/s: best {_num(n1)} "
+            f"({verdict(n1 >= GOAL_IPS_N1, n1)}); N=16 ≥ {GOAL_MFU_N16:.0%} MFU: best {_num(_pct(mfu), '.1f%')} "
+            f"({verdict(mfu >= GOAL_MFU_N16, mfu)}); "
             f"N=16 peak ≤ {GOAL_GIB_N16:.0f} GiB: lowest {_num(mem)} ({verdict(mem <= GOAL_GIB_N16, mem)}).")
 
 
@@ -122,8 +125,9 @@ def _attention(r: dict, peak: dict) -> list[str]:
         split_t = "/".join(_num(row.get(k)) for k in ("train_ms_inside", "train_ms_outside", "train_ms_mixed"))
         split_s = "/".join(_num(row.get(k)) for k in ("sample_ms_inside", "sample_ms_outside"))
         layers, window = layers_label(row["group_layers"]), window_label(row["group_t_window"])
-        out.append(f"| {layers} | {window} | {row['n']} | {_num(row.get('train_ms'))} | {_num(row.get('sample_ms'))} "
-                   f"| {split_t if 'train_ms_inside' in row else ''} | {split_s if 'sample_ms_inside' in row else ''} |")
+        out.append(f"| {layers} | {window} | {row['n']} | {_num(row.get('train_ms'))} | "
+                   f"{_num(row.get('sample_ms'))} | {split_t if 'train_ms_inside' in row else ''} | "
+                   f"{split_s if 'sample_ms_inside' in row else ''} |")
     return out + _skips(r)
 
 
@@ -140,21 +144,22 @@ def window_label(window: list[float] | None) -> str:
 def _sampling(r: dict, peak: dict) -> list[str]:
     m, p = r["measured"], r["projection"]
     return ["## Sampling", "",
-            f"{m.get('model')} GroupDiff-{m.get('mode')} N={m.get('group_size')}, batch {p['batch']}, {m.get('method')}, "
-            f"CFG {m.get('cfg_scale')} on t ∈ {m.get('cfg_interval')}, {m.get('precision')}, model only (no VAE "
-            "decode).", "",
+            f"{m.get('model')} GroupDiff-{m.get('mode')} N={m.get('group_size')}, batch {p['batch']}, "
+            f"{m.get('method')}, CFG {m.get('cfg_scale')} on t ∈ {m.get('cfg_interval')}, {m.get('precision')}, "
+            "model only (no VAE decode).", "",
             "| NFE/s plain | NFE/s guided | NFE/s with interval | img/s | "
             f"FID-{p['num_images'] // 1000}K GPU-hours | without interval |", "|---|---|---|---|---|---|",
             f"| {p['nfe_per_s_plain']:.2f} | {p['nfe_per_s_guided']:.2f} | {p['nfe_per_s_with_interval']:.2f} | "
             f"{p['img_per_s']:.2f} | {p['gpu_hours']:.2f} | {p['gpu_hours_no_interval']:.2f} |", "",
-            f"Projected to {p['steps']} steps ({p['guided_nfe']} of {p['nfe']} NFE guided) from the per-NFE costs; the "
-            f"measured {m.get('steps')}-step run: {m.get('img_per_s', math.nan):.2f} img/s."]
+            f"Projected to {p['steps']} steps ({p['guided_nfe']} of {p['nfe']} NFE guided) from the per-NFE costs; "
+            f"the measured {m.get('steps')}-step run: {m.get('img_per_s', math.nan):.2f} img/s."]
 
 
 def _xformers(r: dict, peak: dict) -> list[str]:
     if not r.get("available"):
         return ["## xformers", "", f"Not run: {r.get('reason')}"]
-    out = ["## xformers", "", "| backend | N | img/s | ms/step | MFU | peak GiB | error |", "|---|---|---|---|---|---|---|"]
+    out = ["## xformers", "", "| backend | N | img/s | ms/step | MFU | peak GiB | error |",
+           "|---|---|---|---|---|---|---|"]
     for row in r.get("rows", []):
         out.append(f"| {row['backend']} | {row['group_size']} | {_num(row.get('img_per_s'))} | "
                    f"{_num(1e3 * row['step_s'] if 'step_s' in row else None)} | {_num(_pct(row.get('mfu')))} | "

@@ -140,8 +140,9 @@ def count_syncs(step: bench.Step, steps: int = 1) -> dict[str, dict[str, float]]
     """Per-phase host syncs and compiled regions entered, averaged per step, with compiled code running compiled.
 
     Syncs: ``aten._local_scalar_dense`` calls seen by the profiler that Python code asked for (``.item()``,
-    ``float()``, ``bool()`` of a tensor, in eager code or at a graph break) plus the explicit synchronizes and ``tolist`` / ``numpy`` copies that
-    :func:`_patch_syncs` wraps. Regions: "Torch-Compiled Region" events (0 in an eager step)."""
+    ``float()``, ``bool()`` of a tensor, in eager code or at a graph break) plus the explicit synchronizes and
+    ``tolist`` / ``numpy`` copies that :func:`_patch_syncs` wraps. Regions: "Torch-Compiled Region" events (0 in an
+    eager step)."""
     counter = SyncCounter()
     reads: Counter = Counter()
     regions: Counter = Counter()

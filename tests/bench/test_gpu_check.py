@@ -150,11 +150,11 @@ def test_part_budgets_reserve_the_later_parts():
     check's total."""
     cfg = OmegaConf.create({"parts": ["a", "b", "c"], "a": {"budget_s": 20}, "b": {"budget_s": 100},
                             "c": {"budget_s": 50}})
-    assert gpu_check.part_budgets(cfg, "a", 170) == 20
-    assert gpu_check.part_budgets(cfg, "b", 160) == 110  # a used 10 of its 20
-    assert gpu_check.part_budgets(cfg, "c", 40) == 40  # b overran into c's reservation: c keeps what is left
-    assert gpu_check.part_budgets(cfg, "a", 60) == 20  # over-subscribed: each still gets its own, if left
-    assert gpu_check.part_budgets(cfg, "b", 10) == 10
+    assert gpu_check.part_budget(cfg, "a", 170) == 20
+    assert gpu_check.part_budget(cfg, "b", 160) == 110  # a used 10 of its 20
+    assert gpu_check.part_budget(cfg, "c", 40) == 40  # b overran into c's reservation: c keeps what is left
+    assert gpu_check.part_budget(cfg, "a", 60) == 20  # over-subscribed: each still gets its own, if left
+    assert gpu_check.part_budget(cfg, "b", 10) == 10
 
 
 def test_unknown_part_is_refused_before_anything_runs():
