@@ -42,7 +42,7 @@ def _check(tmp_path: Path, *overrides: str, absent: tuple[str, ...] = ABSENT_THE
            ) -> tuple[subprocess.CompletedProcess, dict, str]:
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "gd.bench.gpu_check", f"out={out}", "--dry-run", *overrides],
-                          cwd=REPO, env=_without(tmp_path, absent), capture_output=True, text=True, timeout=850)
+                          cwd=REPO, env=_without(tmp_path, absent), capture_output=True, text=True, timeout=880)
     report = json.loads((out / "gpu_check.json").read_text())
     return proc, report, (out / "gpu_check.md").read_text()
 
