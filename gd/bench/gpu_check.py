@@ -170,9 +170,9 @@ def run_part_child(name: str, args: list[str], budget: float, grace: float, peak
 def supervise(cmd: list[str], timeout: float) -> tuple[int | None, list[str]]:
     """Run ``cmd`` (stdout shared, stderr echoed) for at most ``timeout`` seconds; then it is killed with every
     process it started. Returns (exit code, None when killed; the last lines of its stderr)."""
-    from gd.bench.train import kill_tree
+    from gd.bench.train import child_env, kill_tree
 
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace", env=child_env())
     tail: collections.deque[str] = collections.deque(maxlen=12)
     reader = threading.Thread(target=_echo, args=(proc.stderr, tail), daemon=True)
     reader.start()

@@ -60,10 +60,10 @@ def _model_cfg(overrides: list[str]) -> dict[str, Any]:
 
 def _run(cmd: list[str], timeout: float) -> tuple[int | None, str]:
     """(exit code or None when killed at ``timeout``, stdout + stderr) of ``cmd`` run from the repository."""
-    from gd.bench.train import kill_tree
+    from gd.bench.train import child_env, kill_tree
 
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace")
+                            errors="replace", env=child_env())
     try:
         out, _ = proc.communicate(timeout=max(timeout, 1.0))
         return proc.returncode, out

@@ -318,9 +318,7 @@ def run_child(module: str, args: list[str], spec: dict, timeout: float | None = 
 
     At ``timeout`` seconds the child is killed with every process it started (inductor's compile workers
     included) and the row says so."""
-    env = {**os.environ, _CHILD: json.dumps(spec)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = {**child_env(), _CHILD: json.dumps(spec)}
     proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -334,6 +332,13 @@ def run_child(module: str, args: list[str], spec: dict, timeout: float | None = 
             return json.loads(line[len(_RESULT):])
     tail = (err or out).strip().splitlines()[-3:]
     return dict(spec, error=f"child exited {proc.returncode}: {' | '.join(tail)[:200]}")
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment without its torch.distributed variables: a child starts its own process group
+    (inheriting them, it would try to serve this process's store on the same port)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
 def kill_tree(pid: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -40,9 +41,16 @@ def _without(tmp_path: Path, absent: tuple[str, ...]) -> dict[str, str]:
 
 def _check(tmp_path: Path, *overrides: str, absent: tuple[str, ...] = ABSENT_THERE
            ) -> tuple[subprocess.CompletedProcess, dict, str]:
+    """The dry run as a caller inside a process group would start it: its torch.distributed variables name a port
+    that is taken (the caller's store), so a part that inherited them could not start its own group."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "gd.bench.gpu_check", f"out={out}", "--dry-run", *overrides],
-                          cwd=REPO, env=_without(tmp_path, absent), capture_output=True, text=True, timeout=880)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**_without(tmp_path, absent), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(taken.getsockname()[1])}
+        proc = subprocess.run([sys.executable, "-m", "gd.bench.gpu_check", f"out={out}", "--dry-run", *overrides],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=880)
     report = json.loads((out / "gpu_check.json").read_text())
     return proc, report, (out / "gpu_check.md").read_text()
 
@@ -50,8 +58,9 @@ def _check(tmp_path: Path, *overrides: str, absent: tuple[str, ...] = ABSENT_THE
 @pytest.mark.slow
 def test_dry_run_reports_every_part(tmp_path):
     """The whole check on the CPU with a tiny model, without the packages the GPU machine lacks. Catches: a part
-    that breaks (an import the GPU machine cannot satisfy, a renamed bench function), a part missing from the
-    report, numbers that are not numbers, a skipped row without its reason."""
+    that breaks (an import the GPU machine cannot satisfy, a renamed bench function, the caller's process-group
+    variables inherited), a part missing from the report, numbers that are not numbers, a skipped row without its
+    reason."""
     proc, report, md = _check(tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     parts = report["parts"]
