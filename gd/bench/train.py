@@ -100,17 +100,19 @@ def _time(step: Callable[[], None], warmup: int, steps: int) -> tuple[float, flo
 
 
 def reference_step(cfg: Any, n: int, compile_: bool, device: torch.device, fused: bool | None = None,
-                   autocast: bool | None = None, readback: bool = True) -> Step:
+                   autocast: bool | None = None, readback: bool = True, objective: Any = None) -> Step:
     """The official recipe in bf16: fp32 weights, bf16 autocast, fused AdamW, clipping from ``cfg.train``, an fp32
     EMA of every parameter and ``loss.item()`` once per step, as SiT's train.py does.
     ``fused`` / ``autocast`` None: as on CUDA when on CUDA, foreach AdamW and fp32 elsewhere. ``readback=False``
-    drops the ``loss.item()`` (fake tensors have no values). Sample-embedding slots are drawn from the step's
-    generator and passed in, as the trainer does, so both compile the same module graph (and a compiled engine row
-    can reuse the reference row's compiled kernels from the inductor cache). ``train.compile_mode`` applies as in
-    the trainer."""
-    from gd.diffusion.objective import group_loss
+    drops the ``loss.item()`` (fake tensors have no values). The loss is the run's objective's (flow or DDPM;
+    ``objective``, else built from ``cfg.diffusion``: a DDPM schedule must be built outside FakeTensorMode).
+    Sample-embedding slots are drawn from the step's generator and passed in, as the trainer does, so both compile
+    the same module graph (a compiled engine row can reuse the reference row's kernels from inductor's cache);
+    ``train.compile_mode`` applies as in the trainer."""
+    from gd.diffusion.objectives import build_objective
 
     b = cfg.bench
+    objective = objective if objective is not None else build_objective(cfg.diffusion, cfg.model)
     model = _build(cfg, device if device.type == "cuda" else None).train()
     if next(model.parameters()).device != device:  # (a no-op .to() fails on fake tensors)
         model = model.to(device)
@@ -122,18 +124,18 @@ def reference_step(cfg: Any, n: int, compile_: bool, device: torch.device, fused
     ema = [p.detach().clone() for p in params]
     decay = float(cfg.train.ema_decay)
     mode = cfg.train.get("compile_mode")
-    fwd = (torch.compile(model, **({"mode": mode} if mode else {})) if compile_ else model)
+    fwd = objective.network(torch.compile(model, **({"mode": mode} if mode else {})) if compile_ else model)
     x, y = _batch(model, int(b.batch), device)
     gen = torch.Generator(device=device).manual_seed(0)
     amp = device.type == "cuda" if autocast is None else autocast
 
-    def velocity(xt: torch.Tensor, t: torch.Tensor, yy: torch.Tensor, gs: int) -> torch.Tensor:
+    def net(xt: torch.Tensor, t: torch.Tensor, yy: torch.Tensor, gs: int) -> torch.Tensor:
         slots = model.draw_slots(xt.shape[0], gs, gen, xt.device) if model.embed_mode == "cond" else None
         return fwd(xt, t, yy, group_size=gs, slots=slots)
 
     def forward() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = group_loss(velocity, x, y, n, generator=gen)
+            loss, _ = objective.loss(net, x, y, n, gen)
         return loss
 
     def backward(loss: torch.Tensor) -> None:

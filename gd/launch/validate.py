@@ -50,6 +50,8 @@ def validate(cfg: DictConfig) -> list[str]:
     found = find_credentials(cfg, names_checked_elsewhere=("cluster.env",))
     if found:
         problems.append("the config holds credentials: " + "; ".join(found) + f". {NO_CREDENTIALS}")
+    if not problems and cfg.task in TASKS:
+        problems += _check_objective(cfg)
     if not problems and cfg.task == "train":
         problems += _check_batch(cfg)
         if cfg.launcher.check_data:
@@ -117,6 +119,20 @@ def _check_batch(cfg: DictConfig) -> list[str]:
     except ValueError as err:
         lines = [line.strip() for line in str(err).splitlines()[1:]] or [str(err)]
         return [f"{line} ({ranks})" if "processes" in line else line for line in lines]
+    return []
+
+
+def _check_objective(cfg: DictConfig) -> list[str]:
+    """The diffusion objective (flow | ddpm), its options and the model's time window in its units; for sampling
+    tasks also that sample.method is one of its samplers."""
+    from gd.diffusion.objectives import build_objective
+
+    try:
+        objective = build_objective(cfg.diffusion, cfg.model)
+        if cfg.task != "train":
+            objective.sampler(cfg.sample)
+    except ValueError as err:
+        return [str(err)]
     return []
 
 

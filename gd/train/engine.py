@@ -22,7 +22,6 @@ import copy
 import datetime
 import math
 import os
-import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,12 +53,6 @@ class Dist:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def dist_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun/SLURM-style env; (0, 1, 0) when unset."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
@@ -69,12 +62,13 @@ def dist_env() -> tuple[int, int, int]:
 def init_distributed(timeout_s: float = 1800.0) -> Dist:
     """Initialise torch.distributed from env (gloo on CPU, nccl on CUDA); a lone process gets a world of 1.
 
-    DeepSpeed needs a process group even for one process, so a run started without torchrun makes its own.
+    DeepSpeed needs a process group even for one process, so a run started without torchrun makes its own, on an
+    in-memory store: no port to pick and lose to another process before it is bound.
     """
     rank, world, local_rank = dist_env()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+    alone = "RANK" not in os.environ
+    if alone:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # what streaming and the launchers read
     if torch.cuda.is_available():
         # Sites that bind one GPU per task show each process a single device whatever its LOCAL_RANK.
         index = local_rank % torch.cuda.device_count()
@@ -85,8 +79,10 @@ def init_distributed(timeout_s: float = 1800.0) -> Dist:
     if not dist.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if alone:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 
