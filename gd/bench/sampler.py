@@ -116,6 +116,7 @@ def run(cfg: Any) -> list[dict[str, Any]]:
                "gpu_hours_measured": b.num_images / (batch / wall) / 3600,
                "gpu_hours_interval": b.num_images * sec_interval / 3600,
                "gpu_hours_no_interval": b.num_images * sec_full / 3600,
+               "sec_per_nfe_plain": c_plain, "sec_per_nfe_guided": c_guided,
                "model": cfg.model.name, "mode": b.mode, "group_size": n, "precision": b.precision,
                "device": str(dev), "cfg_scale": float(b.cfg_scale), "cfg_interval": list(interval)}
         rows.append(row)

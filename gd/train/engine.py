@@ -117,6 +117,7 @@ def deepspeed_config(train_cfg: Mapping[str, Any], layout: BatchLayout) -> dict[
         raise ValueError("train.zero_stage=0 with train.precision=bf16 runs DeepSpeed's unfused bf16 optimizer, which "
                          "reads every parameter's overflow flag on the host: ~290 device syncs per SiT-XL step. Use "
                          "train.precision=bf16_autocast (fp32 weights, no per-parameter syncs) or zero_stage >= 1")
+    compile_options(train_cfg)  # a bad compile_mode fails here too, before any process starts work
     ds = dict(train_cfg.get("ds") or {})
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
@@ -328,8 +329,21 @@ def build_engine(model: torch.nn.Module, train_cfg: Mapping[str, Any], layout: B
         # Stage 0 all-reduces after backward, flattening every gradient and copying it back, even in a world of 1.
         engine.enable_backward_allreduce = False
     if train_cfg.get("compile"):
-        engine.compile()
+        engine.compile(**compile_options(train_cfg))
     return engine, optimizer
+
+
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_options(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``engine.compile`` arguments from ``train.compile_mode`` (torch.compile's mode: ``reduce-overhead`` adds CUDA
+    graphs, ``max-autotune`` also tunes GEMM kernels; null = torch's default). Off by default: it changes how the
+    step runs, not what it computes, and ``gd.bench.gpu_check`` measures it before a recipe uses it."""
+    mode = train_cfg.get("compile_mode")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"train.compile_mode={mode!r}: expected one of {COMPILE_MODES}")
+    return {"compile_kwargs": {"mode": mode} if mode else {}}
 
 
 def engine_dtype(engine: Any) -> torch.dtype:

@@ -336,7 +336,7 @@ def test_bench_prints_reference_and_engine_rows(capsys):
     main([*args, *bench])
     table = capsys.readouterr().out.split("| mode |")[-1].strip().splitlines()[2:]
     assert [r.split("|")[1].strip() for r in table] == ["reference", "engine"]
-    from gd.bench.train import _measure
+    from gd.bench.train import measure
     from gd.models import build_model
     from gd.train.engine import init_distributed
     from gd.train.trainer import model_kwargs
@@ -346,7 +346,7 @@ def test_bench_prints_reference_and_engine_rows(capsys):
     flops = 3 * forward_flops(build_model(kwargs.pop("name"), **kwargs), 4)
     for spec in ({"mode": "reference", "variant": "-", "n": 4, "compile": False},
                  {"mode": "engine", "variant": "z2_fp32", "n": 4, "compile": False}):
-        row = _measure(cfg, spec, init_distributed().device)
+        row = measure(cfg, spec, init_distributed().device)
         assert not row["error"] and row["ips"] > 0, row
         assert row["tflops"] == pytest.approx(row["ips"] * flops / 1e12, rel=1e-9)
         assert row["mfu"] == pytest.approx(row["tflops"] / float(cfg.train.peak_tflops), rel=1e-12)
