@@ -34,7 +34,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from gd.io import atomic_write_text
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 PARTS = ("peak", "xformers", "tests", "train", "attention", "sampling")
 STATUSES = ("ok", "partial", "skipped", "crashed", "killed")
 JSON_NAME, MD_NAME = "gpu_check.json", "gpu_check.md"
@@ -44,11 +43,11 @@ def compose_check(args: list[str]) -> DictConfig:
     """conf/bench/gpu_check.yaml with hydra overrides; ``dry_run=true`` merges its ``dry`` section over the file's
     settings, and the command line's overrides again over that (they win). Unknown parts are refused here, before
     anything runs."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="bench/gpu_check", overrides=args)
+    from gd.config import compose_config
+
+    cfg = compose_config(args, config_name="bench/gpu_check")
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     dry = cfg.pop("dry")
     if cfg.dry_run:

@@ -358,14 +358,12 @@ def guided_nfe(b: DictConfig, steps: int, cond_n: int, uncond_n: int) -> tuple[i
 def sampling(cfg: DictConfig, budget: Any, save: Save) -> dict[str, Any]:
     """gd.bench.sampler at its batch (a short run plus per-NFE costs of a plain and a guided evaluation), projected
     to ``target_steps``: NFE/s plain, guided and averaged over the CFG interval, img/s and FID-50K GPU-hours."""
-    from hydra import compose, initialize_config_dir
-
     from gd.bench import sampler
+    from gd.config import compose_config
     from gd.diffusion import BatchPlan
 
     c = cfg.sampling
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        scfg = compose(config_name="bench/sampler", overrides=list(c.overrides))
+    scfg = compose_config(list(c.overrides), config_name="bench/sampler")
     scfg = OmegaConf.create(OmegaConf.to_container(scfg, resolve=True))
     b = scfg.bench
     if len(b.methods) != 1:
