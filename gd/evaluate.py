@@ -18,17 +18,16 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from gd.config import config_path, read_yaml
 from gd.io import atomic_save_npy, atomic_write_bytes
 from gd.metrics.fid import feature_stats, frechet_distance, inception_score, precision_recall, reference_features
 from gd.metrics.inception import InceptionExtractor, build_inception
 from gd.sample import Layout, _bind_device, _device, _paths, generate
 
-CONF = Path(__file__).resolve().parent.parent / "conf" / "evaluate.yaml"
-
 
 def metric_settings(cfg: DictConfig) -> DictConfig:
     """conf/evaluate.yaml's ``metrics`` defaults overlaid with ``cfg.metrics`` (if any)."""
-    defaults = OmegaConf.load(CONF).metrics
+    defaults = read_yaml("evaluate.yaml").metrics
     given = cfg.get("metrics")
     return OmegaConf.merge(defaults, given) if given is not None else defaults
 
@@ -115,8 +114,9 @@ def evaluate(cfg: DictConfig) -> dict:
         "ckpt_sha256": settings["ckpt_sha256"],
         "samples": sampled["npz"],
         "num_images": len(feats),
-        "sampler": {k: settings[k] for k in ("mode", "group_size", "method", "steps", "cfg_scale", "cfg_interval",
-                                             "cfg_channels", "batch_groups", "seed", "precision", "decoder")},
+        "sampler": {k: settings[k] for k in ("objective", "mode", "group_size", "method", "steps", "eta", "cfg_scale",
+                                             "cfg_interval", "cfg_channels", "batch_groups", "seed", "precision",
+                                             "decoder") if k in settings},
         "settings_hash": sampled["settings_hash"],
         "config_hash": config_hash(cfg, m),
         "inception": extractor.describe(),
@@ -148,10 +148,11 @@ def evaluate(cfg: DictConfig) -> dict:
     return result
 
 
-def _hydra_main() -> None:
+def main() -> None:
+    """``python -m gd.evaluate`` / ``gd-evaluate``: hydra entry point (conf/evaluate.yaml)."""
     import hydra
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+    @hydra.main(version_base="1.3", config_path=config_path(), config_name="evaluate")
     def main(cfg: DictConfig) -> None:
         result = evaluate(cfg)
         if "fid" in result:
@@ -162,4 +163,4 @@ def _hydra_main() -> None:
 
 
 if __name__ == "__main__":
-    _hydra_main()
+    main()

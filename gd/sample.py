@@ -6,10 +6,15 @@ g mod C) and slot j belongs to group j // N; when N does not divide P the last g
 a few extra members that are dropped, so the output keeps exactly P per class. The kept slots, in slot
 order, are the output images 0..num_images-1.
 
+Sampler. ``diffusion.objective`` picks it (gd.diffusion.objectives): flow (SiT) with ``sample.method`` sde | euler |
+heun | dopri5, or ddpm (DiT) with ddpm | ddim over ``sample.steps`` respaced DDPM steps; a method of the other
+objective is refused before anything is loaded.
+
 Determinism. The starting noise of slot j comes from a generator seeded by (seed, j), so the same seed
 gives the same noise whatever rank or batch generates it. Chunks of ``batch_groups`` groups are the unit of
-work, of SDE noise (one generator per (seed, chunk)) and of resumption; they are assigned to ranks
-round-robin, so 1 rank and W ranks produce identical chunks. Changing ``batch_groups`` changes SDE noise.
+work, of the sampler's noise (SDE, DDPM, DDIM with eta > 0: one generator per (seed, chunk)) and of resumption;
+they are assigned to ranks round-robin, so 1 rank and W ranks produce identical chunks. Changing
+``batch_groups`` changes the sampler's noise.
 
 Outputs under ``sample.out`` (written atomically, a finished chunk is never redone):
   settings.json                 what determines the images (checked on resume) and its hash
@@ -33,7 +38,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +46,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from gd.io import atomic_path, atomic_write_bytes
 from gd.rng import mix_seed, seeded_generator
+
+if TYPE_CHECKING:
+    from gd.diffusion.objectives import Objective, Sampler
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: identical runs write identical bytes
@@ -119,7 +127,7 @@ def slot_noise(seed: int, slots: np.ndarray, shape: tuple[int, ...]) -> torch.Te
 
 
 def chunk_generator(seed: int, chunk: int, stream: int = 1) -> torch.Generator:
-    """CPU generator of a chunk's SDE noise (stream 1) or sample-embedding slots (stream 2): the same on every
+    """CPU generator of a chunk's sampler noise (stream 1) or sample-embedding slots (stream 2): the same on every
     device and rank."""
     return seeded_generator(seed, stream, chunk)
 
@@ -225,15 +233,31 @@ def checkpoint_path(cfg: DictConfig) -> Path:
     return path
 
 
+def sampling_objective(cfg: DictConfig, model_config: Any = None) -> Objective:
+    """``cfg.diffusion``'s objective (flow when the config has none), checked against ``model_config`` when given
+    (the loaded model's config: its time window, its learned variance)."""
+    from gd.diffusion.objectives import build_objective
+
+    diffusion = cfg.get("diffusion")
+    return build_objective(diffusion if diffusion is not None else {}, model_config)
+
+
 def load_sampling_model(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, dict]:
     """Our export (embedded config or model.json beside it) rebuilds itself; an official SiT/DiT file or a released
-    GroupDiff checkpoint is loaded into ``build_model(cfg.model.name, **cfg.model)``, the latter wrapped in
-    ``FromReverseTime`` (it samples in the reverse time convention)."""
-    from gd.diffusion import FromReverseTime
+    GroupDiff checkpoint is loaded into ``build_model(cfg.model.name, **cfg.model)``, the latter as the run's
+    objective takes it (a released SiT through ``FromReverseTime``: it samples in the reverse time convention; a
+    released DiT as it is). An export that records another objective than ``cfg.diffusion.objective`` is refused."""
     from gd.models import build_model
-    from gd.models.checkpoints import is_reverse_time, load_state, read_checkpoint, unpack_checkpoint
+    from gd.models.checkpoints import is_released, load_state, read_checkpoint, stored_objective, unpack_checkpoint
 
-    state, config, entry = unpack_checkpoint(read_checkpoint(path), source=str(path))
+    objective = sampling_objective(cfg)
+    raw = read_checkpoint(path)
+    trained = stored_objective(raw)
+    if trained is not None and trained != objective.name:
+        raise ValueError(f"{path} was trained with diffusion.objective={trained}, but this config samples with "
+                         f"diffusion.objective={objective.name}: use the run's own experiment (e.g. "
+                         "+exp=groupdiff4_dit for a DDPM/DiT run, +exp=groupdiff4 for a flow/SiT one)")
+    state, config, entry = unpack_checkpoint(raw, source=str(path))
     sidecar = path.parent / "model.json"
     if config is None and sidecar.is_file():
         config = json.loads(sidecar.read_text())
@@ -248,10 +272,11 @@ def load_sampling_model(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, d
         kw = OmegaConf.to_container(cfg.model, resolve=True)
         model = build_model(kw.pop("name"), **{**kw, **runtime})
         load_state(model, state, source=f"{path} [{entry}]", entry=entry)
-        source = "released GroupDiff (reverse time)" if is_reverse_time(entry) else "official"
+        convention = "reverse time" if objective.name == "flow" else "DDPM time"
+        source = f"released GroupDiff ({convention})" if is_released(entry) else "official"
     info = {"source": source, "entry": entry, "config": dict(model.config)}
     model = model.eval().requires_grad_(False)
-    return (FromReverseTime(model) if is_reverse_time(entry) else model), info
+    return (objective.from_released(model) if is_released(entry) else model), info
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -288,31 +313,21 @@ def group_sizes(s: DictConfig) -> tuple[int, int]:
         raise ValueError(f"sample.mode={s.mode!r}, sample.group_size={s.group_size}: {err}") from err
 
 
-def sde_options(s: DictConfig) -> dict:
-    """The SDE sampler's options of ``cfg.sample`` as gd.diffusion.sample arguments (SiT's defaults when unset)."""
-    return {"diffusion_form": str(s.get("diffusion_form", "sigma")), "sample_eps": float(s.get("sample_eps", 1e-3)),
-            "last_step": s.get("last_step", "Mean"), "last_step_size": float(s.get("last_step_size", 0.04))}
-
-
-def sampler_settings(s: DictConfig, num_classes: int) -> dict:
-    """The sampler part of the settings (also reported by gd.evaluate)."""
-    sde = sde_options(s) if s.method == "sde" else {}
-    return {"mode": s.mode, "group_size": int(s.group_size), "method": s.method, "steps": int(s.steps),
-            "cfg_scale": float(s.cfg_scale), "cfg_interval": [float(v) for v in s.cfg_interval],
-            "cfg_channels": s.cfg_channels, "num_images": int(s.num_images), "num_classes": num_classes,
-            "batch_groups": int(s.batch_groups), "seed": int(s.seed), "precision": s.precision,
-            "decoder": s.decoder, "atol": float(s.atol), "rtol": float(s.rtol), **sde}
+def sampler_settings(s: DictConfig, num_classes: int, sampler: Sampler) -> dict:
+    """The sampler part of the settings (also reported by gd.evaluate): the layout's and the objective's sampler's."""
+    return {"mode": s.mode, "group_size": int(s.group_size), "num_images": int(s.num_images),
+            "num_classes": num_classes, "batch_groups": int(s.batch_groups), "seed": int(s.seed),
+            "precision": s.precision, "decoder": s.decoder, **sampler.settings()}
 
 
 def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_sample_cfg(s: DictConfig) -> None:
-    from gd.diffusion import METHODS
-
-    if s.method not in METHODS:
-        raise ValueError(f"sample.method={s.method!r}: expected one of {METHODS}")
+def _check_sample_cfg(cfg: DictConfig) -> None:
+    """Everything about ``cfg.sample`` that needs no model, the sampler against the objective included."""
+    s = cfg.sample
+    sampling_objective(cfg).sampler(s)
     if s.precision not in PRECISIONS:
         raise ValueError(f"sample.precision={s.precision!r}: expected one of {PRECISIONS}")
     if s.decoder not in ("pixels", "sdvae"):
@@ -370,7 +385,7 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
     world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    _check_sample_cfg(s)
+    _check_sample_cfg(cfg)
     ckpt = checkpoint_path(cfg) if model is None else None
     out = Path(str(s.out)).expanduser()
     device = _device(str(s.get("device", "auto")))
@@ -383,6 +398,8 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
         model, model_info = load_sampling_model(cfg, ckpt)
     else:
         model, model_info = model.eval().requires_grad_(False), {"config": dict(getattr(model, "config", {}))}
+    objective = sampling_objective(cfg, model_info["config"])  # DDPM: the model's learned variance
+    sampler = objective.sampler(s)
     num_classes = int(s.num_classes) if s.get("num_classes") is not None else int(model.num_classes)
     if num_classes != model.num_classes:
         raise ValueError(f"sample.num_classes={num_classes} but the checkpoint's model has {model.num_classes}")
@@ -393,7 +410,7 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
     layout = Layout(int(s.num_images), num_classes, n, int(s.batch_groups))
     settings = {"ckpt": str(ckpt) if ckpt else "<in-memory>", "ckpt_sha256": file_sha256(ckpt) if ckpt else None,
                 "model": model_info["config"],
-                **sampler_settings(s, num_classes), "decoder_scale": s.get("decoder_scale"),
+                **sampler_settings(s, num_classes, sampler), "decoder_scale": s.get("decoder_scale"),
                 "vae_path": s.get("vae_path")}
     digest = settings_hash(settings)
     _claim_out_dir(out, settings, digest)
@@ -406,29 +423,17 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
         return {**result, "npz": str(final) if rank == 0 else None}
 
     model.to(device)
-    net = torch.compile(model) if s.get("compile") else model
+    net = objective.network(torch.compile(model) if s.get("compile") else model)
     decoder = build_decoder(s, model.in_channels, device) if todo else None
-    shape = (model.in_channels, model.input_size, model.input_size)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if s.precision == "bf16" else nullcontext())
     progress = Progress(sum(int(layout.slot_kept(layout.chunk_slots(c)).sum()) for c in todo),
                         enabled=rank == 0 and bool(s.get("progress", True)))
-    from gd.diffusion import sample as diffusion_sample
 
     for chunk in todo:
         npz_path, tar_path = _paths(out, chunk)
         slots = layout.chunk_slots(chunk)
-        labels = torch.as_tensor(layout.slot_labels(slots), device=device)
-        noise = slot_noise(int(s.seed), slots, shape).to(device)
-        velocity = net
-        if getattr(model, "embed_mode", "none") == "cond":
-            velocity = SeededSlots(net, model, chunk_generator(int(s.seed), chunk, stream=2))
         with autocast:
-            latents = diffusion_sample(
-                velocity, noise, labels, method=s.method, steps=int(s.steps), cfg_scale=float(s.cfg_scale),
-                cfg_interval=tuple(float(v) for v in s.cfg_interval), cfg_channels=s.cfg_channels,
-                group_size=cond_n, uncond_group_size=uncond_n, generator=chunk_generator(int(s.seed), chunk),
-                atol=float(s.atol), rtol=float(s.rtol), null_class=num_classes,
-                **(sde_options(s) if s.method == "sde" else {}))
+            latents = chunk_latents(sampler, net, model, layout, chunk, int(s.seed), (cond_n, uncond_n), device)
         kept = layout.slot_kept(slots)
         images = decoder.decode(latents.float()[torch.as_tensor(kept, device=device)]).cpu().numpy()
         kept_slots = slots[kept]
@@ -449,6 +454,21 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
     _wait_for_chunks(out, layout, float(s.get("wait_timeout_s", 86400)))
     assemble(out, layout, s)
     return {**result, "npz": str(final)}
+
+
+def chunk_latents(sampler: Sampler, net: Callable[..., torch.Tensor], model: torch.nn.Module, layout: Layout,
+                  chunk: int, seed: int, group_sizes: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """The latents of one chunk, a function of (seed, chunk) alone: each slot's noise from (seed, slot), its group's
+    class, the sampler's noise and the "cond" sample-embedding slots from the chunk's own generators. ``net`` is the
+    model as the objective calls it (``Objective.network``); group_sizes are the (conditional, unconditional)
+    CFG branches'."""
+    slots = layout.chunk_slots(chunk)
+    labels = torch.as_tensor(layout.slot_labels(slots), device=device)
+    noise = slot_noise(seed, slots, (model.in_channels, model.input_size, model.input_size)).to(device)
+    if getattr(model, "embed_mode", "none") == "cond":
+        net = SeededSlots(net, model, chunk_generator(seed, chunk, stream=2))
+    return sampler(net, noise, labels, group_size=group_sizes[0], uncond_group_size=group_sizes[1],
+                   generator=chunk_generator(seed, chunk), null_class=int(model.num_classes))
 
 
 def _claim_out_dir(out: Path, settings: dict, digest: str) -> None:
@@ -502,10 +522,13 @@ def assemble(out: Path, layout: Layout, s: DictConfig) -> Path:
     return out / "samples.npz"
 
 
-def _hydra_main() -> None:
+def main() -> None:
+    """``python -m gd.sample`` / ``gd-sample``: hydra entry point (conf/evaluate.yaml: the run config + ckpt)."""
     import hydra
 
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+    from gd.config import config_path
+
+    @hydra.main(version_base="1.3", config_path=config_path(), config_name="evaluate")
     def main(cfg: DictConfig) -> None:
         result = generate(cfg)
         if result.get("npz"):
@@ -515,4 +538,4 @@ def _hydra_main() -> None:
 
 
 if __name__ == "__main__":
-    _hydra_main()
+    main()

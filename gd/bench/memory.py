@@ -50,10 +50,13 @@ def _tracked_peak(make_step: Any, steps: int = 2) -> int:
 
 def reference_peak(cfg: Any, n: int, batch: int) -> int:
     """Peak bytes of the plain-torch step (with its EMA) at ``batch`` images of group size ``n``, on fake tensors."""
+    from gd.diffusion.objectives import build_objective
+
     sized = _with_batch(cfg, batch)
+    objective = build_objective(sized.diffusion, sized.model)  # its tables are checked on real values
     with FakeTensorMode(allow_non_fake_inputs=True):
         return _tracked_peak(lambda: bench.reference_step(sized, n, False, torch.device("cpu"), fused=False,
-                                                          autocast=True, readback=False))
+                                                          autocast=True, readback=False, objective=objective))
 
 
 def measure(cfg: Any, spec: dict, device: torch.device) -> dict:

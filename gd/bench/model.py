@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -26,11 +27,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_backend(model_cfg: dict[str, Any], backend: str, *, group_size: int = 1, batch: int = 32,
-                  precision: str = "bf16", mode: str = "fwdbwd", compile: bool = False, warmup: int = 3,
-                  iters: int = 10, device: str = "auto", peak_tflops: float | None = None,
-                  t: float | None = None, seed: int = 0) -> dict[str, Any]:
-    """One backend's numbers: img/s, step seconds (median), TFLOP/s, MFU, peak memory; or its error."""
+def _check(group_size: int, batch: int, precision: str, mode: str, warmup: int, iters: int) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     if mode not in ("fwd", "fwdbwd"):
@@ -39,6 +36,14 @@ def bench_backend(model_cfg: dict[str, Any], backend: str, *, group_size: int = 
         raise ValueError(f"batch={batch} must be a positive multiple of group_size={group_size}")
     if iters < 1 or warmup < 0:
         raise ValueError(f"iters={iters}, warmup={warmup}: expected iters >= 1, warmup >= 0")
+
+
+def bench_backend(model_cfg: dict[str, Any], backend: str, *, group_size: int = 1, batch: int = 32,
+                  precision: str = "bf16", mode: str = "fwdbwd", compile: bool = False, warmup: int = 3,
+                  iters: int = 10, device: str = "auto", peak_tflops: float | None = None,
+                  t: float | None = None, seed: int = 0) -> dict[str, Any]:
+    """One backend's numbers: img/s, step seconds (median), TFLOP/s, MFU, peak memory; or its error."""
+    _check(group_size, batch, precision, mode, warmup, iters)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     result: dict[str, Any] = {"backend": backend, "group_size": group_size, "batch": batch, "precision": precision,
                               "mode": mode, "compile": compile, "device": str(dev)}
@@ -49,6 +54,21 @@ def bench_backend(model_cfg: dict[str, Any], backend: str, *, group_size: int = 
     except RuntimeError as err:  # backend unavailable here
         return {**result, "error": str(err)}
     result["model"] = model_cfg["name"]
+    return {**result, **time_model(model, group_size=group_size, batch=batch, precision=precision, mode=mode,
+                                   compile=compile, warmup=warmup, iters=iters, peak_tflops=peak_tflops, t=t,
+                                   seed=seed)}
+
+
+def time_model(model: torch.nn.Module, *, group_size: int = 1, batch: int = 32, precision: str = "bf16",
+               mode: str = "fwdbwd", compile: bool = False, warmup: int = 3, iters: int = 10,
+               peak_tflops: float | None = None, t: float | Sequence[float] | None = None,
+               seed: int = 0) -> dict[str, Any]:
+    """Time a built ``model`` on its device: warm-up seconds, median step seconds, img/s, TFLOP/s, MFU, peak memory.
+
+    ``t``: None = uniform random per image, a float = every image, a sequence = one per image (e.g. groups on
+    both sides of a ``group_t_window``). ``bf16w`` converts ``model`` to bf16 in place."""
+    _check(group_size, batch, precision, mode, warmup, iters)
+    dev = next(model.parameters()).device
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     torch.backends.cudnn.allow_tf32 = precision == "tf32"
     if precision == "bf16w":
@@ -57,7 +77,14 @@ def bench_backend(model_cfg: dict[str, Any], backend: str, *, group_size: int = 
     fn = torch.compile(model) if compile else model
     gen = torch.Generator(device=dev).manual_seed(seed)
     x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, device=dev, generator=gen)
-    tt = torch.full((batch,), float(t), device=dev) if t is not None else torch.rand(batch, device=dev, generator=gen)
+    if t is None:
+        tt = torch.rand(batch, device=dev, generator=gen)
+    elif isinstance(t, (int, float)):
+        tt = torch.full((batch,), float(t), device=dev)
+    else:
+        tt = torch.tensor([float(v) for v in t], device=dev)
+        if tt.shape != (batch,):
+            raise ValueError(f"t has {tt.numel()} values; expected one per image ({batch})")
     y = torch.randint(0, model.num_classes, (batch,), device=dev, generator=gen)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
@@ -70,6 +97,7 @@ def bench_backend(model_cfg: dict[str, Any], backend: str, *, group_size: int = 
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    result: dict[str, Any] = {}
     grad = torch.enable_grad() if mode == "fwdbwd" else torch.no_grad()
     with grad:
         t0 = time.perf_counter()
@@ -126,7 +154,9 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    @hydra.main(config_path="../../conf", config_name="bench/model", version_base="1.3")
+    from gd.config import config_path
+
+    @hydra.main(config_path=config_path(), config_name="bench/model", version_base="1.3")
     def _main(cfg: DictConfig) -> None:
         run(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)))
 

@@ -110,7 +110,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
 def main() -> None:
     import hydra
 
-    @hydra.main(config_path="../../conf", config_name="bench/sample", version_base="1.3")
+    from gd.config import config_path
+
+    @hydra.main(config_path=config_path(), config_name="bench/sample", version_base="1.3")
     def _main(cfg: DictConfig) -> None:
         run(cfg)
 

@@ -116,6 +116,7 @@ def run(cfg: Any) -> list[dict[str, Any]]:
                "gpu_hours_measured": b.num_images / (batch / wall) / 3600,
                "gpu_hours_interval": b.num_images * sec_interval / 3600,
                "gpu_hours_no_interval": b.num_images * sec_full / 3600,
+               "sec_per_nfe_plain": c_plain, "sec_per_nfe_guided": c_guided,
                "model": cfg.model.name, "mode": b.mode, "group_size": n, "precision": b.precision,
                "device": str(dev), "cfg_scale": float(b.cfg_scale), "cfg_interval": list(interval)}
         rows.append(row)
@@ -132,7 +133,9 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    @hydra.main(config_path="../../conf", config_name="bench/sampler", version_base="1.3")
+    from gd.config import config_path
+
+    @hydra.main(config_path=config_path(), config_name="bench/sampler", version_base="1.3")
     def _main(cfg: DictConfig) -> None:
         run(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)))
 

@@ -14,6 +14,11 @@ split into forward / backward / update (:class:`gd.bench.train.Step`) and counte
   operand twice); per parameter it does not depend on the model's width, so it projects to SiT-XL/2.
 * time per phase, measured without the counters.
 
+Host syncs are counted again by :func:`count_syncs` with compiled code running compiled (under the operator
+counter's TorchDispatchMode torch.compile falls back to eager, so the operator and byte counts of a compiled row
+are those of its eager graph): that column also holds for ``bench.compile=[true]`` rows, with the number of
+compiled regions entered per phase (a graph break shows as more than one).
+
 ``bench.narrow`` shrinks hidden size and heads but keeps depth, so the step has SiT-XL/2's parameter tensors
 (the per-tensor host work of hooks, buckets and optimizers) without its FLOPs: on a CPU the phase times then show
 the framework's host overhead, the part a GPU cannot hide when it exceeds the device time of a step.
@@ -31,6 +36,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -72,7 +78,19 @@ class StepCounter(TorchDispatchMode):
             self.syncs[self.phase] += 1
 
 
-def _patch_syncs(counter: StepCounter) -> list[tuple[Any, str, Any]]:
+class SyncCounter:
+    """Explicit synchronizes and host copy-outs per phase (``counter.phase = name``), fed by :func:`_patch_syncs`."""
+
+    def __init__(self) -> None:
+        self.phase: str | None = None
+        self.syncs: Counter = Counter()
+
+    def sync(self) -> None:
+        if self.phase is not None:
+            self.syncs[self.phase] += 1
+
+
+def _patch_syncs(counter: StepCounter | SyncCounter) -> list[tuple[Any, str, Any]]:
     """Wrap every explicit synchronize and host copy-out this process can call; returns what to restore."""
     targets: list[tuple[Any, str]] = [(torch.cuda, "synchronize"), (torch.cuda.Stream, "synchronize"),
                                       (torch.cuda.Event, "synchronize"), (torch.Tensor, "tolist"),
@@ -118,6 +136,54 @@ def count_step(step: bench.Step, steps: int = 1) -> dict[str, dict[str, float]]:
             for p in PHASES}
 
 
+def count_syncs(step: bench.Step, steps: int = 1) -> dict[str, dict[str, float]]:
+    """Per-phase host syncs and compiled regions entered, averaged per step, with compiled code running compiled.
+
+    Syncs: ``aten._local_scalar_dense`` calls seen by the profiler that Python code asked for (``.item()``,
+    ``float()``, ``bool()`` of a tensor, in eager code or at a graph break) plus the explicit synchronizes and
+    ``tolist`` / ``numpy`` copies that :func:`_patch_syncs` wraps. Regions: "Torch-Compiled Region" events (0 in an
+    eager step)."""
+    counter = SyncCounter()
+    reads: Counter = Counter()
+    regions: Counter = Counter()
+    saved = _patch_syncs(counter)
+    try:
+        for _ in range(steps):
+            loss = None
+            for phase in PHASES:
+                counter.phase = phase
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    if phase == "forward":
+                        loss = step.forward()
+                    elif phase == "backward":
+                        step.backward(loss)
+                    else:
+                        step.update()
+                counter.phase = None
+                for event in prof.events():
+                    if event.name == "aten::_local_scalar_dense" and _called_from_python(event):
+                        reads[phase] += 1
+                    elif event.name.startswith("Torch-Compiled Region"):
+                        regions[phase] += 1
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+    return {p: {"syncs": (reads[p] + counter.syncs[p]) / steps, "regions": regions[p] / steps} for p in PHASES}
+
+
+_READS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero")
+
+
+def _called_from_python(event: Any) -> bool:
+    """Whether a profiled host read was asked for by Python code (or a graph break), not inside another operator
+    (the CPU fused AdamW reads its step count with ``item()``: no sync there, and on CUDA that count lives on the
+    device)."""
+    parent = event.cpu_parent
+    while parent is not None and parent.name in _READS:
+        parent = parent.cpu_parent
+    return parent is None or not parent.name.startswith("aten::")
+
+
 def time_phases(step: bench.Step, warmup: int, steps: int) -> dict[str, float]:
     """Mean seconds per phase (device-synchronised at each phase boundary)."""
     for _ in range(warmup):
@@ -160,6 +226,8 @@ def measure(cfg: Any, spec: dict, device: torch.device) -> dict:
         row["params"] = step.params
         row["time"] = time_phases(step, int(b.warmup), int(b.steps))
         row["count"] = count_step(step, 1)
+        for phase, seen in count_syncs(step, 1).items():
+            row["count"][phase].update(seen)
     except Exception as err:  # one failing configuration should not lose the others' numbers
         row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
     return row

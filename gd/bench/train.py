@@ -45,12 +45,17 @@ def _free() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _build(cfg: Any) -> torch.nn.Module:
+def _build(cfg: Any, device: torch.device | str | None = None) -> torch.nn.Module:
+    """``cfg.model`` seeded with 0, initialised on ``device`` (None: the CPU, as the trainer builds it; ``meta``
+    for shapes alone; CUDA: an XL init takes seconds on a CPU)."""
     from gd.models import build_model
 
     kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     torch.manual_seed(0)
-    return build_model(kwargs.pop("name"), **kwargs)
+    if device is None:
+        return build_model(kwargs.pop("name"), **kwargs)
+    with torch.device(device):
+        return build_model(kwargs.pop("name"), **kwargs)
 
 
 def _batch(model: torch.nn.Module, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,27 +86,34 @@ class Step:
         self.update()
 
 
-def _time(step: Callable[[], None], warmup: int, steps: int) -> float:
+def _time(step: Callable[[], None], warmup: int, steps: int) -> tuple[float, float]:
+    """(seconds of the warm-up steps, compilation included; seconds of the timed steps)."""
+    start = time.perf_counter()
     for _ in range(warmup):
         step()
     _sync()
-    start = time.perf_counter()
+    warm = time.perf_counter()
     for _ in range(steps):
         step()
     _sync()
-    return time.perf_counter() - start
+    return warm - start, time.perf_counter() - warm
 
 
 def reference_step(cfg: Any, n: int, compile_: bool, device: torch.device, fused: bool | None = None,
-                   autocast: bool | None = None, readback: bool = True) -> Step:
+                   autocast: bool | None = None, readback: bool = True, objective: Any = None) -> Step:
     """The official recipe in bf16: fp32 weights, bf16 autocast, fused AdamW, clipping from ``cfg.train``, an fp32
     EMA of every parameter and ``loss.item()`` once per step, as SiT's train.py does.
     ``fused`` / ``autocast`` None: as on CUDA when on CUDA, foreach AdamW and fp32 elsewhere. ``readback=False``
-    drops the ``loss.item()`` (fake tensors have no values)."""
-    from gd.diffusion.objective import group_loss
+    drops the ``loss.item()`` (fake tensors have no values). The loss is the run's objective's (flow or DDPM;
+    ``objective``, else built from ``cfg.diffusion``: a DDPM schedule must be built outside FakeTensorMode).
+    Sample-embedding slots are drawn from the step's generator and passed in, as the trainer does, so both compile
+    the same module graph (a compiled engine row can reuse the reference row's kernels from inductor's cache);
+    ``train.compile_mode`` applies as in the trainer."""
+    from gd.diffusion.objectives import build_objective
 
     b = cfg.bench
-    model = _build(cfg).train()
+    objective = objective if objective is not None else build_objective(cfg.diffusion, cfg.model)
+    model = _build(cfg, device if device.type == "cuda" else None).train()
     if next(model.parameters()).device != device:  # (a no-op .to() fails on fake tensors)
         model = model.to(device)
     fused = device.type == "cuda" if fused is None else fused
@@ -111,14 +123,19 @@ def reference_step(cfg: Any, n: int, compile_: bool, device: torch.device, fused
     params = list(model.parameters())
     ema = [p.detach().clone() for p in params]
     decay = float(cfg.train.ema_decay)
-    fwd = torch.compile(model) if compile_ else model
+    mode = cfg.train.get("compile_mode")
+    fwd = objective.network(torch.compile(model, **({"mode": mode} if mode else {})) if compile_ else model)
     x, y = _batch(model, int(b.batch), device)
     gen = torch.Generator(device=device).manual_seed(0)
     amp = device.type == "cuda" if autocast is None else autocast
 
+    def net(xt: torch.Tensor, t: torch.Tensor, yy: torch.Tensor, gs: int) -> torch.Tensor:
+        slots = model.draw_slots(xt.shape[0], gs, gen, xt.device) if model.embed_mode == "cond" else None
+        return fwd(xt, t, yy, group_size=gs, slots=slots)
+
     def forward() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = group_loss(lambda xt, t, yy, gs: fwd(xt, t, yy, group_size=gs), x, y, n, generator=gen)
+            loss, _ = objective.loss(net, x, y, n, gen)
         return loss
 
     def backward(loss: torch.Tensor) -> None:
@@ -173,22 +190,23 @@ def engine_step(cfg: Any, n: int, compile_: bool, variant: dict, device: torch.d
     return Step(forward, backward, update, sum(p.numel() for p in trainer.model.parameters()), trainer)
 
 
-def _measure(cfg: Any, spec: dict, device: torch.device) -> dict:
-    """One configuration: its row (img/s, TFLOP/s, MFU, peak GiB), or the error that stopped it."""
+def measure(cfg: Any, spec: dict, device: torch.device) -> dict:
+    """One configuration: its row (img/s, TFLOP/s, MFU, peak GiB, warm-up seconds with compilation), or the
+    error that stopped it."""
     from gd.models.flops import forward_flops
 
     b = cfg.bench
     n = int(spec["n"])
-    flops = 3.0 * forward_flops(_build(cfg), group_size=n)
+    flops = 3.0 * forward_flops(_build(cfg, "meta"), group_size=n)
     peak = float(cfg.train.peak_tflops)
     row = dict(spec, ips=math.nan, tflops=math.nan, mfu=math.nan, mem=math.nan, error="")
     _free()
     try:
         step = build_step(cfg, spec, device, fused=b.get("fused"))
-        dt = _time(step, int(b.warmup), int(b.steps))
+        warm, dt = _time(step, int(b.warmup), int(b.steps))
         ips = int(b.batch) * int(b.steps) / dt
         tflops = ips * flops / 1e12
-        row.update(ips=ips, tflops=tflops, mfu=tflops / peak if peak > 0 else math.nan,
+        row.update(ips=ips, tflops=tflops, mfu=tflops / peak if peak > 0 else math.nan, warmup_s=warm,
                    mem=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else math.nan)
         del step
     except Exception as err:  # one failing configuration should not lose the others' numbers
@@ -260,15 +278,18 @@ def _describe(cfg: Any) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run_table(argv, "gd.bench.train", _measure, _fmt, _describe)
+    run_table(argv, "gd.bench.train", measure, _fmt, _describe)
     return 0
 
 
 _CHILD, _RESULT = "GD_BENCH_ONE", "GD_BENCH_RESULT "
 
 
-def _device() -> torch.device:
-    eng.init_distributed()
+def bench_device(spec: dict | None = None) -> torch.device:
+    """This process's device. The trainer's rows start the process group first (DeepSpeed's, which needs one even
+    for one process); plain rows do not, so they run where DeepSpeed does not import."""
+    if spec is None or spec.get("mode") != "reference":
+        eng.init_distributed()
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -277,7 +298,8 @@ def child_measure(cfg: Any, measure: Measure) -> bool:
     one = os.environ.get(_CHILD)
     if one is None:
         return False
-    print(_RESULT + json.dumps(measure(cfg, json.loads(one), _device())), flush=True)
+    spec = json.loads(one)
+    print(_RESULT + json.dumps(measure(cfg, spec, bench_device(spec))), flush=True)
     return True
 
 
@@ -287,22 +309,55 @@ def run_specs(cfg: Any, args: list[str], module: str, measure: Measure,
     printed as it finishes."""
     rows: list[dict] = []
     for spec in _specs(cfg.bench):
-        rows.append(_run_child(module, args, spec) if bool(cfg.bench.get("isolate", True))
-                    else measure(cfg, spec, _device()))
+        rows.append(run_child(module, args, spec) if bool(cfg.bench.get("isolate", True))
+                    else measure(cfg, spec, bench_device(spec)))
         print(fmt(rows[-1], rows), flush=True)
     return rows
 
 
-def _run_child(module: str, args: list[str], spec: dict) -> dict:
-    env = {**os.environ, _CHILD: json.dumps(spec)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
+def run_child(module: str, args: list[str], spec: dict, timeout: float | None = None) -> dict:
+    """``python -m module args`` measuring the one configuration ``spec``; its row, or ``spec`` with the error.
+
+    At ``timeout`` seconds the child is killed with every process it started (inductor's compile workers
+    included) and the row says so."""
+    env = {**child_env(), _CHILD: json.dumps(spec)}
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        proc.communicate()
+        return dict(spec, error=f"timeout: killed after {timeout:.0f} s")
+    for line in out.splitlines():
         if line.startswith(_RESULT):
             return json.loads(line[len(_RESULT):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    tail = (err or out).strip().splitlines()[-3:]
     return dict(spec, error=f"child exited {proc.returncode}: {' | '.join(tail)[:200]}")
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment without its torch.distributed variables: a child starts its own process group
+    (inheriting them, it would try to serve this process's store on the same port)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL process ``pid`` and all its descendants (listed before any is killed, so none is re-parented
+    away first)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _fmt(row: dict, rows: list[dict]) -> str:

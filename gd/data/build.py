@@ -1,4 +1,5 @@
-"""The shard-building pipeline behind tools/build_shards.py: read -> encode -> embed -> retrieve -> write.
+"""The shard-building pipeline behind gd.build_shards (and tools/build_shards.py): read -> encode -> embed ->
+retrieve -> write.
 
 Work is cut into fixed chunks of `chunk_size` source images (chunk c = dataset ids [c*S, (c+1)*S)). Every stage
 writes, per chunk, its arrays to `<work_dir>/<stage>/chunk-XXXXX.*.npy` (temp file + os.replace) and then a

@@ -17,9 +17,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_moto_server(port: int | None = None, timeout: float = 30.0) -> tuple[subprocess.Popen, str]:
-    """Start `moto_server -H 127.0.0.1 -p PORT` and wait until it answers HTTP; returns (process, URL)."""
-    port = port or free_port()
+def start_moto_server(port: int | None = None, timeout: float = 30.0, attempts: int = 5) -> tuple[subprocess.Popen, str]:
+    """Start `moto_server -H 127.0.0.1 -p PORT` and wait until it answers HTTP; returns (process, URL).
+
+    Without ``port``, a free one is picked; another process can take it before moto binds it, so a server that
+    exits at once is retried on a new port (``attempts`` times)."""
+    for attempt in range(attempts if port is None else 1):
+        try:
+            return _start_moto_server(port or free_port(), timeout)
+        except RuntimeError as err:
+            if "exited" not in str(err) or attempt == attempts - 1 or port is not None:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_moto_server(port: int, timeout: float) -> tuple[subprocess.Popen, str]:
     exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
     if not Path(exe).exists():
         raise RuntimeError("moto_server not found: pip install 'moto[server]' into the venv")

@@ -24,6 +24,8 @@ from typing import Any, Callable
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
+from gd.logs import configure_logging
+
 
 # [low, high): below the ephemeral range, above most services' fixed ports.
 RENDEZVOUS_PORTS = (20000, 32768)
@@ -38,6 +40,7 @@ class RunJob(submitit.helpers.Checkpointable):
     def __call__(self) -> Any:
         cfg = self.cfg
         _export_environment(cfg)
+        configure_logging()  # the job starts without a logging handler: its log.info lines would be lost
         if cfg.task != "train":
             return run_task(cfg, None)
         requested = threading.Event()

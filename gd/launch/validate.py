@@ -50,6 +50,8 @@ def validate(cfg: DictConfig) -> list[str]:
     found = find_credentials(cfg, names_checked_elsewhere=("cluster.env",))
     if found:
         problems.append("the config holds credentials: " + "; ".join(found) + f". {NO_CREDENTIALS}")
+    if not problems and cfg.task in TASKS:
+        problems += _check_objective(cfg)
     if not problems and cfg.task == "train":
         problems += _check_batch(cfg)
         if not problems:
@@ -146,6 +148,20 @@ def _check_resume(cfg: DictConfig, warnings: list[str]) -> list[str]:
         return [f"run {cfg.run.name} resumes {ckpt}: {describe(saved, world, problems)} ({ranks})"]
     if saved["world_size"] != world:
         warnings.append(f"run {cfg.run.name} resumes {ckpt}: {describe(saved, world, [])}")
+    return []
+
+
+def _check_objective(cfg: DictConfig) -> list[str]:
+    """The diffusion objective (flow | ddpm), its options and the model's time window in its units; for sampling
+    tasks also that sample.method is one of its samplers."""
+    from gd.diffusion.objectives import build_objective
+
+    try:
+        objective = build_objective(cfg.diffusion, cfg.model)
+        if cfg.task != "train":
+            objective.sampler(cfg.sample)
+    except ValueError as err:
+        return [str(err)]
     return []
 
 

@@ -133,11 +133,14 @@ def _cached(cache_dir: Path | None, target: Path, extractor: InceptionExtractor,
 
 
 def cleanfid_stats_path(name: str, res: str | int, split: str, mode: str) -> tuple[Path, str]:
-    """Local path and URL of clean-fid's reference statistics (its naming, ``inception_v3`` model)."""
+    """Local path and URL of clean-fid's reference statistics (its naming, ``inception_v3`` model): in
+    ``$GD_CLEANFID_STATS_DIR`` when set (site-packages is read-only on many clusters), else clean-fid's own
+    ``stats`` folder."""
     import cleanfid
 
     rel = f"{name}_{mode}_{split}_{res}.npz".lower()
-    return Path(cleanfid.__file__).parent / "stats" / rel, f"https://www.cs.cmu.edu/~clean-fid/stats/{rel}"
+    folder = os.environ.get("GD_CLEANFID_STATS_DIR") or Path(cleanfid.__file__).parent / "stats"
+    return Path(folder) / rel, f"https://www.cs.cmu.edu/~clean-fid/stats/{rel}"
 
 
 def _warn_incomparable(target: Path, mode: str) -> None:

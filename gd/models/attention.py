@@ -12,15 +12,22 @@ Backends (``attn_backend``):
                     take the inputs are skipped by PyTorch, so the order only changes speed, never results.
   * ``xformers`` -- ``xformers.ops.memory_efficient_attention``; CUDA only. Checked at build time.
   * ``math``     -- softmax(QK^T/sqrt(d))V written out, softmax in fp32. The reference, and what S_cross uses.
+
+Under group parallelism (group_parallel.py) a rank holds N/P members of each group and the group's attention is
+computed with the other P-1 ranks; every backend above runs the local part.
 """
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+if TYPE_CHECKING:
+    from gd.models.group_parallel import GroupParallel
 
 BACKENDS = ("sdpa", "xformers", "math")
 
@@ -77,17 +84,14 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.matmul(scores.softmax(dim=-1), v.to(acc)).to(q.dtype)
 
 
-def _attend(qkv: Tensor, num_heads: int, backend: str) -> Tensor:
-    """Self-attention of packed qkv (B, L, 3C) -> (B, L, C)."""
-    b, n, three_c = qkv.shape
-    c = three_c // 3
-    qkv = qkv.view(b, n, 3, num_heads, c // num_heads)
+def attend(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
+    """Attention of q (B, Lq, H, D) over k, v (B, Lk, H, D) -> (B, Lq, H*D); Lq may differ from Lk."""
+    b, lq, h, d = q.shape
     if backend == "xformers":
         import xformers.ops as xops
 
-        q, k, v = qkv.unbind(2)  # (B, L, H, D): xformers' layout
-        return xops.memory_efficient_attention(q, k, v).reshape(b, n, c)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, D)
+        return xops.memory_efficient_attention(q, k, v).reshape(b, lq, h * d)  # (B, L, H, D) is its layout
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
     if backend == "math":
         out = math_attention(q, k, v)
     elif q.is_cuda:
@@ -95,7 +99,14 @@ def _attend(qkv: Tensor, num_heads: int, backend: str) -> Tensor:
             out = F.scaled_dot_product_attention(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(b, n, c)
+    return out.transpose(1, 2).reshape(b, lq, h * d)
+
+
+def _attend(qkv: Tensor, num_heads: int, backend: str) -> Tensor:
+    """Self-attention of packed qkv (B, L, 3C) -> (B, L, C)."""
+    b, n, three_c = qkv.shape
+    q, k, v = qkv.view(b, n, 3, num_heads, three_c // 3 // num_heads).unbind(2)
+    return attend(q, k, v, backend)
 
 
 def group_view(x: Tensor, group_size: int) -> Tensor:
@@ -105,7 +116,12 @@ def group_view(x: Tensor, group_size: int) -> Tensor:
 
 
 class GroupAttention(nn.Module):
-    """Multi-head self-attention whose sequence is the whole group (official key names: qkv, proj)."""
+    """Multi-head self-attention whose sequence is the whole group (official key names: qkv, proj).
+
+    ``group_parallel`` (set by ``SiT.set_group_parallel``): None runs the group on this process; a
+    :class:`gd.models.group_parallel.GroupParallel` means this rank holds N/P members of every group and the
+    group's attention is computed together with the other P-1 ranks of its group-parallel process group.
+    """
 
     def __init__(self, dim: int, num_heads: int, backend: str = "sdpa") -> None:
         super().__init__()
@@ -116,22 +132,30 @@ class GroupAttention(nn.Module):
         self.backend = backend
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
+        self.group_parallel: GroupParallel | None = None
 
     def forward(self, x: Tensor, group_size: int = 1, group_mask: Tensor | None = None) -> Tensor:
         """x: (G*N, L, C) group-major. ``group_size`` N is a Python int (N=1: per-image attention).
 
+        Under group parallelism x is this rank's (G*N/P, L, C) and ``group_size`` stays the global N.
         ``group_mask`` (G,) bool, optional: groups marked False attend per image. Both products are computed
         and selected with ``torch.where`` (per-image attention costs 1/N of group attention), which keeps the
         layer free of data-dependent Python branches.
         """
         b, n, c = x.shape
         qkv = self.qkv(x)
+        gp = self.group_parallel
         if group_size == 1:
             out = _attend(qkv, self.num_heads, self.backend)
         else:
-            out = _attend(group_view(qkv, group_size), self.num_heads, self.backend).reshape(b, n, c)
+            if gp is None:
+                members = group_size
+                out = _attend(group_view(qkv, group_size), self.num_heads, self.backend).reshape(b, n, c)
+            else:
+                members = gp.members(group_size)
+                out = gp.attend(qkv, members, self.num_heads, self.backend)
             if group_mask is not None:
                 per_image = _attend(qkv, self.num_heads, self.backend)
-                keep = group_mask.repeat_interleave(group_size).view(b, 1, 1)
+                keep = group_mask.repeat_interleave(members).view(b, 1, 1)
                 out = torch.where(keep, out, per_image)
         return self.proj(out)

@@ -8,10 +8,11 @@ Accepted files (all read with ``torch.load(weights_only=True)``; a checkpoint is
   present, else ``"model"``; ``args`` is an ``argparse.Namespace``, the only non-tensor class allow-listed;
 * the released GroupDiff code's checkpoints (Dalby1379/GroupDiff ``checkpoint-*.pth``)
   ``{"model", "model_ema", "optimizer", ...}``: the ``"model_ema"`` weights, keys prefixed ``denoiser.``, the sample
-  embedding as ``sample_embedder.embedding_table.weight`` (renamed to ``sample_embed``). Those SiTs run in the
-  reverse time convention (t = 1 noise, velocity eps - x): :func:`is_reverse_time` says so for the entry, and
-  gd.sample wraps them in ``gd.diffusion.FromReverseTime``. Build the model with ``learn_sigma=False,
-  sample_embed="cond", max_group_size=<rows of the table>`` (4 for GroupDiff-4);
+  embedding as ``sample_embedder.embedding_table.weight`` (renamed to ``sample_embed``); :func:`is_released` says
+  so for the entry. Their SiTs run in the reverse time convention (t = 1 noise, velocity eps - x): gd.sample wraps
+  them in ``gd.diffusion.FromReverseTime`` (the flow objective's ``from_released``); their DiTs are called with
+  DDPM indices as here and need nothing. Build the model with ``sample_embed="cond", max_group_size=<rows of the
+  table>`` (4 for GroupDiff-4) and ``learn_sigma=False`` for a SiT (4 output channels), ``True`` for a DiT (8);
 * our export (written by :func:`save_model`, used for the trainer's ``ema.pt``)::
 
       {"format": "gd.sit/1", "config": {"name": "SiT-XL/2", <every build_model argument>}, "model": state_dict}
@@ -56,9 +57,9 @@ _LAYOUTS = ("expected a gd export {format, config, model}, an official SiT/DiT s
             "{ema | model, opt, args}, or a released GroupDiff checkpoint {model_ema, model, optimizer, ...}")
 
 
-def is_reverse_time(entry: str) -> bool:
-    """Whether weights read from ``entry`` (as :func:`unpack_checkpoint` names it) expect the reverse time
-    convention: the released GroupDiff code's checkpoints do."""
+def is_released(entry: str) -> bool:
+    """Whether weights read from ``entry`` (as :func:`unpack_checkpoint` names it) come from the released GroupDiff
+    code's checkpoints (its SiTs expect the reverse time convention; its DiTs DDPM indices, as here)."""
     return entry == RELEASED_ENTRY
 
 
@@ -179,6 +180,15 @@ def _mismatch_report(model: SiT, state: dict[str, Tensor]) -> list[str]:
     return lines
 
 
+def _file_learns_sigma(state: dict[str, Tensor]) -> bool | None:
+    """Whether a state dict's final layer has 2C output channels (learned variance), from its patch embedding's C
+    and patch size; None when the keys are missing."""
+    patch, head = state.get("x_embedder.proj.weight"), state.get("final_layer.linear.weight")
+    if patch is None or head is None or patch.ndim != 4:
+        return None
+    return head.shape[0] == 2 * patch.shape[1] * patch.shape[-1] * patch.shape[-2]
+
+
 def load_state(model: SiT, state: dict[str, Tensor], source: str = "state dict", entry: str = "") -> list[str]:
     """Copy ``state`` into ``model`` after checking every key and shape; returns the optional keys it lacked.
     ``entry`` (from :func:`unpack_checkpoint`) adds what a released GroupDiff file needs to the error."""
@@ -191,9 +201,12 @@ def load_state(model: SiT, state: dict[str, Tensor], source: str = "state dict",
         hint = ""
         if "sample_embed" in state and model.sample_embed is None:
             hint = "\n  hint: the checkpoint has a sample embedding; build the model with sample_embed='cond' or 'tokens'"
-        if is_reverse_time(entry) and "sample_embed" in state:
+        if is_released(entry) and "sample_embed" in state:
             rows = state["sample_embed"].shape[0]
-            hint += (f"\n  hint: a released GroupDiff SiT file needs model.learn_sigma=false model.sample_embed=cond "
+            learn = _file_learns_sigma(state)
+            kind = "" if learn is None else ("DiT " if learn else "SiT ")
+            sigma = "" if learn is None else f"model.learn_sigma={str(learn).lower()} "
+            hint += (f"\n  hint: a released GroupDiff {kind}file needs {sigma}model.sample_embed=cond "
                      f"model.max_group_size={rows}")
         raise CheckpointError(
             f"{source} does not fit {model.config.get('name', type(model).__name__)} "
@@ -213,10 +226,13 @@ def load_pretrained(model: SiT, path: str | os.PathLike) -> dict[str, Any]:
     return {"entry": entry, "absent_optional": absent, "config": config}
 
 
-def save_model(model: SiT, path: str | os.PathLike, state_dict: dict[str, Tensor] | None = None) -> None:
+def save_model(model: SiT, path: str | os.PathLike, state_dict: dict[str, Tensor] | None = None, *,
+               objective: str | None = None) -> None:
     """Write ``{"format", "config", "model"}`` atomically (temp file + os.replace); tensors go to CPU.
 
-    ``state_dict`` replaces the model's own weights (e.g. the EMA copy) and must fit the model.
+    ``state_dict`` replaces the model's own weights (e.g. the EMA copy) and must fit the model. ``objective``
+    ("flow" | "ddpm", the diffusion it was trained with) is stored as ``"objective"`` so sampling with the other
+    one is refused (:func:`stored_objective`).
     """
     if not model.config:
         raise ValueError("model.config is empty: build the model with gd.models.build_model so it can be rebuilt")
@@ -225,7 +241,17 @@ def save_model(model: SiT, path: str | os.PathLike, state_dict: dict[str, Tensor
     if problems:
         raise CheckpointError("state_dict does not fit the model:\n" + "\n".join(problems))
     payload = {"format": FORMAT, "config": dict(model.config), "model": {k: v.detach().cpu() for k, v in state.items()}}
+    if objective is not None:
+        payload["objective"] = str(objective)
     atomic_torch_save(payload, path)
+
+
+def stored_objective(obj: Any) -> str | None:
+    """The diffusion objective a gd export (as read by :func:`read_checkpoint`) says it was trained with, or None
+    (official and released files, exports written before the objective was recorded)."""
+    if isinstance(obj, dict) and obj.get("format") == FORMAT and isinstance(obj.get("objective"), str):
+        return obj["objective"]
+    return None
 
 
 def load_model(path: str | os.PathLike, **overrides: Any) -> SiT:

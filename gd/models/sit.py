@@ -4,7 +4,9 @@ Parameter names and shapes are those of the official willisma/SiT (and facebookr
 checkpoints load 1:1. Two additions:
 
 * group attention (see attention.py), on when ``forward(..., group_size=N)`` has N > 1, limited by
-  ``group_layers`` ([first, last) block indices) and ``group_t_window`` ([t_lo, t_hi] in model time);
+  ``group_layers`` ([first, last) block indices) and ``group_t_window`` ([t_lo, t_hi] in the units of the t the
+  model is called with: flow time in [0, 1] (t = 0 noise), or DDPM indices 0..999 (999 noise) for a DiT/DDPM
+  model; gd.diffusion.objectives checks it against the run's objective);
 * ``sample_embed`` (max_group_size, hidden): a learnable embedding of each image's slot in its group, in one of
   two places (``sample_embed=``):
   - "cond" (the released GroupDiff code): added to the conditioning vector, c = t_emb + y_emb + s_emb[slot], so it
@@ -23,6 +25,11 @@ mode the forward reads one (any, all) flag pair from the device to skip the unus
 on the same side (always so in sampling, where t is shared); under torch.compile it never syncs and computes
 both attentions, choosing per group with ``torch.where`` (per-image attention costs 1/N of the group's).
 
+Group parallelism (``set_group_parallel``, see group_parallel.py): P ranks share each group, rank r holding
+members r*N/P .. (r+1)*N/P - 1 of every group; ``forward`` then takes this rank's (G*N/P, ...) inputs with the
+global ``group_size`` N, the sample embedding indexes each member's global slot, and the anchor timestep comes
+from rank 0 of the group-parallel group. ``group_size=1`` calls need no communication and run locally.
+
 The model never drops labels: class dropout for CFG training is done by gd.diffusion with a seeded generator;
 ``class_dropout_prob > 0`` only adds the null-class row (id = num_classes) to the label table.
 """
@@ -39,6 +46,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from gd.models.attention import GroupAttention
+from gd.models.group_parallel import GroupParallel
 
 SIZES: dict[str, dict[str, int]] = {
     "S": {"hidden_size": 384, "depth": 12, "num_heads": 6},
@@ -218,6 +226,7 @@ class SiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.config: dict[str, Any] = {}
+        self.group_parallel: GroupParallel | None = None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -248,6 +257,25 @@ class SiT(nn.Module):
         elif self.sample_embed is not None:
             nn.init.zeros_(self.sample_embed)
 
+    def set_group_parallel(self, ctx: GroupParallel | None) -> None:
+        """Share every group's members with the other ranks of ``ctx`` (None or P=1: the whole group here).
+
+        With P=1 nothing changes: the same code path as without a context, no collectives.
+        """
+        if ctx is not None and ctx.degree == 1:
+            ctx = None
+        if ctx is not None:
+            ctx.check_heads(self.num_heads)
+        self.group_parallel = ctx
+        for block in self.blocks:
+            block.attn.group_parallel = ctx
+
+    def members(self, group_size: int) -> int:
+        """Members of each group in this process's batch: N, or N/P under group parallelism (N > 1)."""
+        if group_size == 1 or self.group_parallel is None:
+            return group_size
+        return self.group_parallel.members(group_size)
+
     def is_group_layer(self, index: int) -> bool:
         return self.group_layers[0] <= index < self.group_layers[1]
 
@@ -264,7 +292,9 @@ class SiT(nn.Module):
         if group_size == 1 or self.group_t_window is None:
             return group_size, None
         lo, hi = self.group_t_window
-        anchor = t.view(-1, group_size)[:, 0]
+        anchor = t.view(-1, self.members(group_size))[:, 0]
+        if self.group_parallel is not None:
+            anchor = self.group_parallel.from_first_rank(anchor)  # member 0 lives on group-parallel rank 0
         mask = (anchor >= lo) & (anchor <= hi)
         if torch.compiler.is_compiling():
             return group_size, mask
@@ -276,13 +306,20 @@ class SiT(nn.Module):
     def draw_slots(self, batch: int, group_size: int, generator: torch.Generator | None = None,
                    device: torch.device | str | None = None) -> Tensor:
         """Random sample-embedding slots (batch,) long: per group of ``group_size``, the first N entries of a random
-        permutation of range(max_group_size) (the released code's draw), from ``generator`` when given."""
-        groups = batch // group_size
+        permutation of range(max_group_size) (the released code's draw), from ``generator`` when given. Under group
+        parallelism ``batch`` is this rank's share and the slots are its members' of each group's permutation: the
+        group's ranks must then draw from identically seeded generators."""
+        m = self.members(group_size)
+        groups = batch // m
         if generator is None:  # (no generator argument at all: that overload also takes symbolic shapes)
             keys = torch.rand(groups, self.max_group_size, device=device)
         else:
             keys = torch.rand(groups, self.max_group_size, generator=generator, device=generator.device)
-        return keys.argsort(dim=1)[:, :group_size].reshape(-1).to(device if device is not None else keys.device)
+        slots = keys.argsort(dim=1)[:, :group_size]
+        if m != group_size:  # group parallel: this rank's members of each group's permutation
+            first = self.group_parallel.first_member(group_size)
+            slots = slots[:, first:first + m]
+        return slots.reshape(-1).to(device if device is not None else keys.device)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, group_size: int = 1, slots: Tensor | None = None, *,
                 full_output: bool = False) -> Tensor:
@@ -303,15 +340,20 @@ class SiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)
         if self.embed_mode == "cond":
             if slots is None:
+                if self.members(group_size) != group_size:
+                    raise ValueError("group parallel with sample_embed='cond': pass slots drawn (draw_slots) from a "
+                                     "generator seeded alike on the group's ranks, so they share each permutation")
                 slots = self.draw_slots(b, group_size, device=x.device)
             elif slots.shape != (b,):
                 raise ValueError(f"slots has shape {tuple(slots.shape)}; expected ({b},)")
             c = c + self.sample_embed[slots].to(c.dtype)
         n, mask = self.group_plan(t, group_size)
         if n > 1 and self.embed_mode == "tokens":
-            slot = self.sample_embed[:n].to(h.dtype).repeat(b // n, 1)  # (B, D): member i of every group -> row i
+            m = self.members(n)
+            first = 0 if self.group_parallel is None else self.group_parallel.first_member(n)
+            slot = self.sample_embed[first:first + m].to(h.dtype).repeat(b // m, 1)  # member i -> its global slot
             if mask is not None:
-                slot = slot * mask.repeat_interleave(n).unsqueeze(1).to(h.dtype)
+                slot = slot * mask.repeat_interleave(m).unsqueeze(1).to(h.dtype)
             h = h + slot.unsqueeze(1)
         for i, block in enumerate(self.blocks):
             bn, bmask = (n, mask) if self.is_group_layer(i) else (1, None)
@@ -331,10 +373,13 @@ class SiT(nn.Module):
         b = x.shape[0]
         if not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size={group_size!r}: expected a positive int")
-        if b % group_size:
-            raise ValueError(f"batch {b} is not a multiple of group_size={group_size} (batches are G*N, group-major)")
         if group_size > self.max_group_size:
             raise ValueError(f"group_size={group_size} exceeds max_group_size={self.max_group_size}")
+        members = self.members(group_size)
+        if b % members:
+            split = "" if members == group_size else f" / group_parallel P={self.group_parallel.degree} = {members}"
+            raise ValueError(f"batch {b} is not a multiple of group_size={group_size}{split} (batches are G*N, "
+                             f"group-major)")
         if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != b):
             raise ValueError(f"t has shape {tuple(t.shape)}; expected ({b},) or a scalar")
         if y.shape != (b,):
@@ -367,9 +412,10 @@ def _validate(input_size: int, patch_size: int, hidden_size: int, depth: int, nu
     if group_layers is not None:
         if len(group_layers) != 2 or not 0 <= group_layers[0] <= group_layers[1] <= depth:
             raise ValueError(f"group_layers={list(group_layers)}: expected [first, last) with 0 <= first <= last <= depth={depth}")
-    if group_t_window is not None:
-        if len(group_t_window) != 2 or not 0.0 <= group_t_window[0] <= group_t_window[1] <= 1.0:
-            raise ValueError(f"group_t_window={list(group_t_window)}: expected [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1")
+    if group_t_window is not None:  # its upper bound depends on the time the model is called with (the objective's)
+        if len(group_t_window) != 2 or not 0.0 <= group_t_window[0] <= group_t_window[1]:
+            raise ValueError(f"group_t_window={list(group_t_window)}: expected [t_lo, t_hi] with 0 <= t_lo <= t_hi "
+                             "(flow time in [0, 1], or DDPM timestep indices)")
 
 
 # The options build_model takes: SiT's own arguments and their defaults (the official SiT-XL/2 ImageNet-256 setup),

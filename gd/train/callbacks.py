@@ -30,7 +30,8 @@ class Callback:
         """Inside a checkpoint write of ``step`` (``stage``: "engine_saved")."""
 
     def on_step_end(self, trainer: Trainer, step: int) -> None:
-        """After optimizer step ``step`` (1-based: the number of steps done) and its metrics."""
+        """After optimizer step ``step`` (1-based: the number of steps done), its metrics and its checkpoint (not
+        called for the step a preemption stops at)."""
 
 
 class CallbackList(Callback):

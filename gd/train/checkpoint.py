@@ -328,8 +328,10 @@ class CheckpointManager:
         _barrier()
 
 
-def export_ema(model_config: dict[str, Any], ema_state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write the EMA in gd.models' export format (``{"format", "config", "model"}``) plus ``model.json`` beside it.
+def export_ema(model_config: dict[str, Any], ema_state: dict[str, torch.Tensor], path: str | os.PathLike,
+               objective: str | None = None) -> None:
+    """Write the EMA in gd.models' export format (``{"format", "config", "model"}``, with the run's diffusion
+    ``objective`` when given, which gd.sample checks) plus ``model.json`` beside it.
 
     A fresh CPU model is built from ``model_config`` (``model.config`` of the trained model) to check every key
     and shape and to supply the buffers (fp32 as built, whatever precision the engine trained in); this works
@@ -339,7 +341,7 @@ def export_ema(model_config: dict[str, Any], ema_state: dict[str, torch.Tensor],
 
     kwargs = dict(model_config)
     fresh = build_model(kwargs.pop("name"), **kwargs)
-    save_model(fresh, path, state_dict={**fresh.state_dict(), **ema_state})
+    save_model(fresh, path, state_dict={**fresh.state_dict(), **ema_state}, objective=objective)
     atomic_write_text(Path(path).parent / "model.json", json.dumps(dict(model_config), indent=1))
 
 

@@ -65,13 +65,15 @@ def dist_env() -> tuple[int, int, int]:
 def init_distributed(timeout_s: float = 1800.0) -> Dist:
     """Initialise torch.distributed from env (gloo on CPU, nccl on CUDA); a lone process gets a world of 1.
 
-    DeepSpeed needs a process group even for one process, so a run started without torchrun makes its own (on a
-    port the store itself picks, so no other process can take it in between). On CUDA the process's GPU follows
-    gd.device's rule (LOCAL_RANK % device_count), which :func:`build_engine` also hands to DeepSpeed. ``timeout_s``
-    bounds every collective until :class:`CollectiveTimeouts` shortens it after the first step.
+    DeepSpeed needs a process group even for one process, so a run started without torchrun makes its own, on an
+    in-memory store: no port to pick and lose to another process before it is bound. On CUDA the process's GPU
+    follows gd.device's rule (LOCAL_RANK % device_count), which :func:`build_engine` also hands to DeepSpeed.
+    ``timeout_s`` bounds every collective until :class:`CollectiveTimeouts` shortens it after the first step.
     """
     _, _, local_rank = dist_env()
-    timeout = datetime.timedelta(seconds=timeout_s)
+    alone = "RANK" not in os.environ
+    if alone:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # what streaming and the launchers read
     if torch.cuda.is_available():
         index = device_index(local_rank, torch.cuda.device_count())
         torch.cuda.set_device(index)
@@ -79,13 +81,11 @@ def init_distributed(timeout_s: float = 1800.0) -> Dist:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout)
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(store.port))
-            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
         import deepspeed
 
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if alone:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
@@ -171,6 +171,7 @@ def deepspeed_config(train_cfg: Mapping[str, Any], layout: BatchLayout) -> dict[
         raise ValueError("train.zero_stage=0 with train.precision=bf16 runs DeepSpeed's unfused bf16 optimizer, which "
                          "reads every parameter's overflow flag on the host: ~290 device syncs per SiT-XL step. Use "
                          "train.precision=bf16_autocast (fp32 weights, no per-parameter syncs) or zero_stage >= 1")
+    compile_options(train_cfg)  # a bad compile_mode fails here too, before any process starts work
     ds = dict(train_cfg.get("ds") or {})
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
@@ -386,8 +387,21 @@ def build_engine(model: torch.nn.Module, train_cfg: Mapping[str, Any], layout: B
         # Stage 0 all-reduces after backward, flattening every gradient and copying it back, even in a world of 1.
         engine.enable_backward_allreduce = False
     if train_cfg.get("compile"):
-        engine.compile()
+        engine.compile(**compile_options(train_cfg))
     return engine, optimizer
+
+
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_options(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``engine.compile`` arguments from ``train.compile_mode`` (torch.compile's mode: ``reduce-overhead`` adds CUDA
+    graphs, ``max-autotune`` also tunes GEMM kernels; null = torch's default). Off by default: it changes how the
+    step runs, not what it computes, and ``gd.bench.gpu_check`` measures it before a recipe uses it."""
+    mode = train_cfg.get("compile_mode")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"train.compile_mode={mode!r}: expected one of {COMPILE_MODES}")
+    return {"compile_kwargs": {"mode": mode} if mode else {}}
 
 
 def engine_dtype(engine: Any) -> torch.dtype:

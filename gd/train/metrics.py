@@ -1,4 +1,5 @@
-"""Training observability: throughput, FLOP/s and MFU, a JSONL log, tensorboard and a progress bar (rank 0).
+"""Training observability: throughput, FLOP/s and MFU, and the rank-0 sinks: a JSONL log, tensorboard, wandb
+(optional, gd.train.tracking) and a progress bar.
 
 FLOPs are analytic (``gd.models.flops.forward_flops``, group attention over N*L keys included), x3 for a
 training step (forward + backward), counted per step at that step's group size.
@@ -10,8 +11,10 @@ import math
 import os
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from gd.io import atomic_write_text
@@ -57,18 +60,23 @@ class Throughput:
 
 
 class MetricsLogger:
-    """Rank-0 sink: ``metrics.jsonl`` (one JSON object per logged step), tensorboard under ``tb/``, tqdm bar."""
+    """Rank-0 sinks: ``metrics.jsonl`` (one JSON object per logged step), tensorboard under ``tb/``, a wandb run when
+    one is given (opened after ``metrics.jsonl`` is cut back to ``start_step``), tqdm bar; images (sample grids) go
+    to tensorboard and wandb."""
 
     def __init__(self, run_dir: str | os.PathLike, enabled: bool, total_steps: int, start_step: int,
-                 progress: bool = True) -> None:
+                 progress: bool = True, wandb: Callable[[], Any] | None = None) -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._tb = None
         self._bar = None
+        self._wandb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.truncate(start_step)
+        if wandb is not None:
+            self._wandb = wandb()
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -80,6 +88,15 @@ class MetricsLogger:
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                              mininterval=5.0)
+
+    @classmethod
+    def for_run(cls, cfg: Any, enabled: bool, start_step: int) -> MetricsLogger:
+        """The sinks of the run ``cfg``: JSONL and tensorboard, wandb when ``train.wandb.enabled``."""
+        from gd.train.tracking import WandbSink, wandb_requested
+
+        wandb = (lambda: WandbSink(cfg, start_step)) if wandb_requested(cfg) else None
+        return cls(cfg.run.dir, enabled, int(cfg.train.steps), start_step,
+                   progress=bool(cfg.train.get("progress", True)), wandb=wandb)
 
     def truncate(self, step: int) -> None:
         """Drop records after ``step`` (a resumed run re-does those steps and logs them again)."""
@@ -99,9 +116,21 @@ class MetricsLogger:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self._tb.add_scalar(f"train/{key}", value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, values)
         if self._bar is not None and "loss" in values:
             self._bar.set_postfix(loss=f"{values['loss']:.4f}",
                                   ips=f"{values.get('img_per_s', float('nan')):.1f}", refresh=False)
+
+    def log_image(self, step: int, tag: str, image: np.ndarray) -> None:
+        """A uint8 H x W x 3 image (a sample grid) at ``step``."""
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log_image(step, tag, image)
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
@@ -110,6 +139,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
         if self._bar is not None:
             self._bar.close()
 

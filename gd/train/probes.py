@@ -6,19 +6,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from gd.diffusion.path import LinearPath
+from gd.diffusion.objectives import FlowObjective, Objective
 
 
 class SCrossProbe:
-    """Every ``every`` steps, S_cross per layer of the training model on the last group batch at t = 0.5.
+    """Every ``every`` steps, S_cross per layer of the training model on the last group batch at signal-to-noise
+    ratio 1 (flow t = 0.5; the DDPM step where ᾱ is nearest 1/2), noised as the run's ``objective`` does.
 
     The trainer shows it each group micro-batch (:meth:`observe`); :meth:`maybe_measure` returns the metrics to log
     when the step is due (a collective under ZeRO-3: every rank calls it). ``every`` = 0 turns it off.
     """
 
-    def __init__(self, every: int, zero3: bool) -> None:
+    def __init__(self, every: int, zero3: bool, objective: Objective | None = None) -> None:
         self.every = int(every or 0)
         self.zero3 = zero3
+        self.objective = objective if objective is not None else FlowObjective()
         self._last: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def observe(self, x1: torch.Tensor, y: torch.Tensor, group_size: int) -> None:
@@ -38,8 +40,7 @@ class SCrossProbe:
         x1, y, n = self._last
         gen = torch.Generator(device=x1.device).manual_seed(0)
         noise = torch.randn(x1.shape, generator=gen, device=x1.device, dtype=x1.dtype)
-        t = torch.full((x1.shape[0],), 0.5, device=x1.device)
-        x_t = LinearPath().x_t(t, noise, x1)
+        x_t, t = self.objective.probe_input(x1, noise)
         slots = module.draw_slots(x1.shape[0], n, gen) if module.embed_mode == "cond" else None
         if self.zero3:
             import deepspeed

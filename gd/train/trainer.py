@@ -9,8 +9,9 @@ callbacks (gd.train.callbacks) hook in from outside, fault injection included. T
 The batch plan (gd.diffusion.plan) decides per micro-batch (released recipe: each rank's each accumulation step
 draws its own kind) whether it is conditional (plain stream, group size 1) or a group micro-batch (group stream,
 group size N); all hold the same number of images, and the objective's mean over images gives each image the
-same weight. Every random draw of a micro-batch (labels dropped, t, noise, sample-embedding slots) comes from
-generators seeded by (seed, step, rank, micro), and the data streams resume from their saved state, so a resumed
+same weight. The objective (``diffusion.objective``: SiT's flow or DiT's DDPM, gd.diffusion.objectives) owns the
+loss and the time the model is called with. Every random draw of a micro-batch (labels dropped, t, noise,
+sample-embedding slots) comes from generators seeded by (seed, step, rank, micro), and the data streams resume from their saved state, so a resumed
 run repeats the uninterrupted one bit for bit on CPU.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from gd.diffusion.objective import group_loss
+from gd.diffusion.objectives import build_objective
 from gd.diffusion.plan import BatchPlan, StepPlan
 from gd.io import atomic_write_text
 from gd.secrets import redacted_yaml
@@ -42,6 +43,8 @@ from gd.train.guard import NonFiniteError, NonFiniteGuard
 from gd.train.metrics import MetricsLogger, StepLog, Throughput
 from gd.train.nodes import Nodes
 from gd.train.probes import SCrossProbe
+from gd.train.sample_grid import SampleGrid
+from gd.train.tracking import check_available
 
 log = logging.getLogger("gd.train")
 
@@ -114,8 +117,11 @@ class Trainer:
                  fused: bool | None = None) -> None:
         t = cfg.train
         check_train_cfg(t)
+        check_available(cfg)  # train.wandb asked for but not installed: said before any work
+        grid = SampleGrid.from_config(cfg)  # train.sample_every: the EMA's sample grid, a callback like any other
         rank, world, _ = eng.dist_env()
         self.cfg = cfg
+        self.objective = build_objective(cfg.diffusion, cfg.model)  # diffusion.objective: flow (SiT) | ddpm (DiT)
         self.layout = BatchPlan.from_config(cfg.diffusion, cfg.model).layout(t, world, int(cfg.model.max_group_size))
         self.plan = BatchPlan.from_config(cfg.diffusion, cfg.model, int(cfg.seed), self.layout.grad_accum)
         eng.deepspeed_config(t, self.layout)  # rejects bad stage/precision before any process starts work
@@ -124,6 +130,10 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, int(t.ckpt_every), int(t.keep_last), rank, world)
         self.resume_from, resume_meta = self.checkpointer.resumable(cfg.model) if resume else (None, {})
         self.resume_step = int(resume_meta.get("step", 0))
+        trained = resume_meta.get("objective", "flow")  # checkpoints written before DDPM existed are flow
+        if self.resume_from is not None and trained != self.objective.name:
+            raise CheckpointMismatchError(f"checkpoint {self.resume_from} was trained with diffusion.objective="
+                                          f"{trained}, this run has {self.objective.name}; use a new run.dir")
         if self.resume_from is not None and int(resume_meta["world_size"]) != world:
             self._check_world_change(world)
 
@@ -150,13 +160,10 @@ class Trainer:
             cfg.data, self.layout, self.plan.train_group_size, int(cfg.seed), d.rank, d.world_size, self.nodes)
         self.guard = NonFiniteGuard(self.optimizer, int(t.max_nonfinite), int(resume_meta.get("skipped_steps", 0)),
                                     verbose=d.is_main)
-        self.probe = SCrossProbe(int(t.get("s_cross_every") or 0), self.zero3)
-        self.callbacks = CallbackList(callbacks)
+        self.probe = SCrossProbe(int(t.get("s_cross_every") or 0), self.zero3, self.objective)
+        self.callbacks = CallbackList([*callbacks, *([grid] if grid else [])])
         self.stop_requested = stop_requested
-        dc = cfg.diffusion
-        self.objective = dict(sigma_tv=float(dc.sigma_tv), time_sampling=str(dc.time_sampling),
-                              reduction=str(dc.get("loss_reduction", "mean")),
-                              sigma_tv_draw=str(dc.get("sigma_tv_draw", "window")))
+        self.net = self.objective.network(self.engine)  # the engine as the objective's loss calls it
         self._acc = torch.zeros(7, dtype=torch.float64, device=d.device)
         self._reduced = [0.0] * 7
 
@@ -204,19 +211,19 @@ class Trainer:
             _clear_zero3_grads(self.engine)
 
     def forward(self, mb: MicroBatch) -> torch.Tensor:
-        """The objective of one micro-batch at its plan's group size (diffusion.loss_reduction)."""
+        """The loss of one micro-batch at its plan's group size (the objective's; diffusion.loss_reduction)."""
 
-        def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, group_size: int) -> torch.Tensor:
+        def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, group_size: int) -> torch.Tensor:
             slots = None
             if self.model.embed_mode == "cond":  # drawn after t and noise, from the same seeded generator
                 slots = self.model.draw_slots(x.shape[0], group_size, mb.generator, x.device)
-            return self.engine(x, t, y, group_size=group_size, slots=slots)
+            return self.net(x, t, y, group_size=group_size, slots=slots)
 
-        loss, _ = group_loss(velocity, mb.x, mb.y, mb.plan.group_size, generator=mb.generator, **self.objective)
+        loss, _ = self.objective.loss(net, mb.x, mb.y, mb.plan.group_size, mb.generator)
         if mb.plan.is_group:
             self.probe.observe(mb.x, mb.y, mb.plan.group_size)
         self._kind = (_GROUP, _GROUP_N) if mb.plan.is_group else (_COND, _COND_N)
-        self._per_image = mb.plan.group_size if self.objective["reduction"] == "group_sum" else 1
+        self._per_image = mb.plan.group_size if self.objective.reduction == "group_sum" else 1
         return loss
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
@@ -271,7 +278,7 @@ class Trainer:
         """Checkpoint after ``step`` steps (collective; rank 0 may write for minutes while the others wait, so the
         collectives get the start-up timeout meanwhile)."""
         meta = {"skipped_steps": self.guard.skipped_total, "model_signature": model_signature(self.cfg.model),
-                "model_config": self.model_config, "time": time.time()}
+                "model_config": self.model_config, "objective": self.objective.name, "time": time.time()}
         with self.timeouts.relaxed():
             self.checkpointer.manager.save(step, self.engine, self.ema, self.data.loaders, meta, self.cfg,
                                            fault_hook=lambda stage: self.callbacks.on_checkpoint_stage(self, step,
@@ -295,7 +302,7 @@ class Trainer:
         """Run to ``train.steps``; returns ``{"preempted", "step", "skipped_steps", "loss", "run_dir", "ema"}``."""
         t, d = self.cfg.train, self.dist
         start = self._start()
-        logger = MetricsLogger(self.run_dir, d.is_main, self.steps, start, progress=bool(t.get("progress", True)))
+        self.metrics = logger = MetricsLogger.for_run(self.cfg, d.is_main, start)  # callbacks log images here
         steplog = StepLog(logger, Throughput(self.engine.module, d.world_size, float(t.peak_tflops)),
                           int(t.log_every), self.steps)
         self.callbacks.on_train_start(self, start)
@@ -311,7 +318,6 @@ class Trainer:
                 steplog.add(self.layout.micro_batch, result, self.plan.group_size)
                 last_loss = result.loss if result.loss is not None else last_loss
                 logger.advance()
-                self.callbacks.on_step_end(self, step)
                 probe = self.probe.maybe_measure(step, self.engine)
                 if probe is not None:
                     logger.log(step, probe)
@@ -326,19 +332,19 @@ class Trainer:
                     break
                 if self.checkpointer.due(step, self.steps):
                     self.save(step)
+                self.callbacks.on_step_end(self, step)
             if not preempted and d.is_main:
                 log.info("training done at step %d (%s)", step, eng.engine_dtype(self.engine))
             with self.timeouts.relaxed():
                 ema_state = self.ema.full_state() if not preempted else None
                 if ema_state is not None and d.is_main:
-                    export_ema(self.model_config, ema_state, self.run_dir / "ema.pt")
+                    export_ema(self.model_config, ema_state, self.run_dir / "ema.pt", objective=self.objective.name)
                 if dist.is_initialized():
                     dist.barrier()
         finally:
             logger.close()
         return {"preempted": preempted, "step": step, "skipped_steps": self.guard.skipped_total, "loss": last_loss,
                 "run_dir": str(self.run_dir), "ema": str(self.run_dir / "ema.pt")}
-
 
     def _lost_rank(self, err: RuntimeError, step: int) -> RuntimeError:
         """``err`` of a step's collective, explained: after the first step a collective that does not complete in

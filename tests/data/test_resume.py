@@ -14,10 +14,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from streaming.base.util import clean_stale_shared_memory
 
 from gd.data.build import Builder, config_from_dict
 from gd.data.loader import build_loaders
+from tests.fixtures.shm import clean_streaming_shm
 
 REPO = Path(__file__).resolve().parents[2]
 OVERRIDES = ["limit=240", "chunk_size=40", "progress=false", "k=6", "tau=0.9"]
@@ -95,7 +95,7 @@ def test_loader_resumes_mid_epoch_exactly(local_shards, tmp_path):
     cfg = {"root": str(root), "cache": str(tmp_path / "cache"), "shuffle": True, "num_workers": 0, "drop_last": False}
 
     def make():
-        clean_stale_shared_memory()
+        clean_streaming_shm(root)
         return build_loaders(cfg, group_size=4, micro_batch=8, seed=5, rank=0, world_size=1)
 
     def release(loaders):
@@ -173,7 +173,7 @@ def test_groups_do_not_depend_on_worker_count(local_shards, tmp_path):
     root, _ = local_shards
     groups = []
     for workers in (0, 2):
-        clean_stale_shared_memory()
+        clean_streaming_shm(root)
         cfg = {"root": str(root), "cache": str(tmp_path / f"cache{workers}"), "shuffle": True, "num_workers": workers,
                "drop_last": False}
         _, group = build_loaders(cfg, group_size=4, micro_batch=16, seed=9, rank=0, world_size=1)
@@ -185,3 +185,30 @@ def test_groups_do_not_depend_on_worker_count(local_shards, tmp_path):
         del group
         gc.collect()
     assert groups[0] == groups[1] and len(groups[0]) == local_shards[1]["num_records"]
+
+
+def test_loader_resumes_exactly_with_production_settings(s3_shards, tmp_path):
+    """The production path: shards on S3 (moto), a local cache limited to about 4 shards (streaming's minimum: shards
+    are evicted during the epoch), 2 DataLoader workers. Stopped
+    mid-epoch and resumed from the state dicts, both streams continue with exactly the ids an uninterrupted epoch
+    gives (no repeats, none lost). Catches worker-count or cache-eviction effects on the resume position that the
+    local, worker-less test cannot see."""
+    root, meta = s3_shards
+    cfg = {"root": root, "cache": str(tmp_path / "cache"), "cache_limit": 9_000_000, "shuffle": True, "num_workers": 2,
+           "drop_last": False}
+
+    def run(stop_after=None, state=None):
+        clean_streaming_shm(tmp_path)
+        loaders = list(build_loaders(cfg, group_size=4, micro_batch=8, seed=3, rank=0, world_size=1))
+        out = _epoch(loaders, stop_after=stop_after, state=state)
+        del loaders[:]
+        gc.collect()
+        return out
+
+    (ref_plain, ref_group), _ = run()
+    (head_plain, head_group), states = run(stop_after=(7, 4))
+    (tail_plain, tail_group), _ = run(state=states)
+    full = torch.cat(head_plain + tail_plain)
+    assert len(head_plain) == 7 and torch.equal(full, torch.cat(ref_plain))
+    assert len(full) == meta["num_records"] and len(set(full.tolist())) == len(full)
+    assert len(head_group) == 4 and torch.equal(torch.cat(head_group + tail_group), torch.cat(ref_group))

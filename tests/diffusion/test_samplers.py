@@ -48,6 +48,19 @@ def test_mixture_distribution(method: str, steps: int) -> None:
     # the reference: exact draws from the mixture, compared on the same statistics with the same tolerance
     ref = MIX.draw(20000, torch.Generator().manual_seed(4))
     _check_moments(ref, MIX, mean_slack=0.03, cov_rtol=0.06)
+    # Moments alone pass a sampler that loses or merges a mode: every component must hold its weight of the samples
+    # (assigned by posterior responsibility at t = 1), within 4 binomial sigmas plus 1% for assignment overlap.
+    share = _component_shares(out)
+    for k, w in enumerate(MIX.pi.tolist()):
+        assert abs(share[k] - w) <= 4 * math.sqrt(w * (1 - w) / out.shape[0]) + 0.01, (method, share, MIX.pi)
+
+
+def _component_shares(x: torch.Tensor) -> list[float]:
+    """Fraction of samples whose most likely component (Gaussian log-density plus log weight) is k."""
+    d = x.shape[1]
+    logp = (torch.log(MIX.pi)[None] - d * torch.log(MIX.s)[None]
+            - 0.5 * ((x[:, None, :] - MIX.mus[None]) ** 2).sum(-1) / MIX.s[None] ** 2)
+    return torch.bincount(logp.argmax(1), minlength=len(MIX.pi)).double().div(x.shape[0]).tolist()
 
 
 def _ode_error(method: str, steps: int) -> float:

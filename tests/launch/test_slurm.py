@@ -49,7 +49,7 @@ def preempted_run(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path,
                   slurm_cluster: SlurmCluster) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("slurm-run")
     run_dir = root / "runs" / "demo"
-    cmd = [*SLURM_CPU, *tiny(tiny_shards, root / "runs")]
+    cmd = [*SLURM_CPU, *tiny(tiny_shards, root / "runs"), "launcher.wait=true"]  # follow it (SLURM's default: not)
     env = slurm_cluster.env(PYTHONPATH=str(REPO))
     with open(root / "launcher.out", "w") as out, open(root / "launcher.err", "w") as err:
         launcher = subprocess.Popen([sys.executable, "-m", "gd.launch", *cmd], cwd=root, env=env,

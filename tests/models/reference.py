@@ -74,7 +74,9 @@ def reference_forward(sd: dict, cfg: dict, x: Tensor, t: Tensor, y: Tensor, grou
                       slots: Tensor | None = None) -> Tensor:
     """float64 SiT forward. cfg: patch_size, in_channels, heads, depth, learn_sigma, group_layers, t_window, and
     embed ("tokens", the default: row i of sample_embed added to the patch tokens of member i of a grouped image;
-    "cond": row slots[i] added to image i's conditioning vector, the released GroupDiff code's way)."""
+    "cond": row slots[i] added to image i's conditioning vector, the released GroupDiff code's way). t is whatever the
+    model is called with (flow time, or DDPM indices for a DiT). The first in_channels outputs are returned when
+    learn_sigma, all of them (ε and the variance values of a DiT) with full_output."""
     sd = {k: v.double() for k, v in sd.items()}
     x, t = x.double(), t.double()
     p, cin, heads = cfg["patch_size"], cfg["in_channels"], cfg["heads"]
@@ -125,4 +127,4 @@ def reference_forward(sd: dict, cfg: dict, x: Tensor, t: Tensor, y: Tensor, grou
     for r in range(gh):
         for s in range(gw):
             img[:, :, r * p:(r + 1) * p, s * p:(s + 1) * p] = out[:, r * gw + s].reshape(b, p, p, cout).permute(0, 3, 1, 2)
-    return img[:, :cin] if cfg.get("learn_sigma") else img
+    return img[:, :cin] if cfg.get("learn_sigma") and not cfg.get("full_output") else img

@@ -30,11 +30,11 @@ def test_flops_match_torch_flop_counter(n):
     assert counter.get_total_flops() == pytest.approx(forward_flops(model, n) * 2 * n, rel=1e-9)
 
 
-def _loop_score(model, x, t, y, n, layer):
+def _loop_score(model, x, t, y, n, layer, slots=None):
     """S_cross from explicit loops over groups, heads, queries and members (float64)."""
     captured = {}
     hook = model.blocks[layer].attn.register_forward_pre_hook(lambda m, a: captured.__setitem__("h", a[0]))
-    model(x, t, y, group_size=n)
+    model(x, t, y, group_size=n, slots=slots)
     hook.remove()
     h = captured["h"].double()
     attn = model.blocks[layer].attn
@@ -78,3 +78,19 @@ def test_s_cross_zero_cases():
     assert cross_attention_score(windowed, x, t_out, y, group_size=4) == {0: 0.0, 1: 0.0}
     with pytest.raises(ValueError, match="out of range"):
         cross_attention_score(model, x, t, y, group_size=4, layers=[5])
+
+
+def test_sit_xl2_flops_are_the_published_count():
+    """SiT-XL/2 on the meta device: 118.6 GMACs per image (DiT's Table 4: 237 GFLOPs at 2 FLOPs per MAC) at N = 1,
+    and at N = 16 that plus the two attention products over 15 more images' keys in each of the 28 layers
+    (2 products x 2 FLOPs x 256 queries x 15 x 256 keys x 1152), 364 GFLOPs, to 0.5%. Catches a forgotten layer or
+    an attention term not scaled by the group."""
+    from gd.models import build_model
+    from gd.models.flops import forward_flops
+
+    with torch.device("meta"):
+        model = build_model("SiT-XL/2")
+    assert forward_flops(model, 1) == pytest.approx(237.2e9, rel=5e-3)
+    extra = 28 * 2 * 2 * 256 * (15 * 256) * 1152
+    assert forward_flops(model, 16) == pytest.approx(237.2e9 + extra, rel=5e-3)
+    assert round(forward_flops(model, 16) / 1e9) == 364

@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.fixtures.shm import clean_streaming_shm  # noqa: F401  (re-exported for the train tests)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
@@ -41,18 +42,16 @@ def overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     return [*TINY, f"data.root={shards}", f"data.cache={run_dir}/cache", f"run.dir={run_dir}", *extra]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def torchrun_cmd(nproc: int = 2) -> list[str]:
+    """``torchrun --standalone``: it binds a free rendezvous port itself (no pick-then-bind race)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
 
 
 def torchrun(args: list[str], log: Path, nproc: int = 2) -> subprocess.Popen:
     """``torchrun --nproc_per_node nproc -m gd.train args`` in a new session (its own process group)."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
            "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "gd.train", *args]
+    cmd = [*torchrun_cmd(nproc), "-m", "gd.train", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -97,19 +96,6 @@ def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, log: Path, t
         time.sleep(0.05)
     kill_group(proc)
     raise AssertionError(f"step {step} not reached in {timeout} s")
-
-
-def clean_streaming_shm(shards: Path) -> None:
-    """Unlink streaming's /dev/shm segments (and /tmp locks) left behind by SIGKILLed jobs or in-process runs.
-
-    The shards are read through node-local caches under each test's run dir, so every registry naming a folder of
-    this test session (its pytest-N temp dir, found above ``shards``) is removed; segments of other test sessions
-    running beside this one are never touched.
-    """
-    from gd.data.loader import clean_stale_streaming
-
-    session = next((p for p in (shards, *shards.parents) if p.parent.name.startswith("pytest-of-")), shards)
-    clean_stale_streaming(session)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -62,6 +62,23 @@ class StepDelay(Callback):
         time.sleep(self.seconds)
 
 
+class PauseAt(Callback):
+    """Holds every rank after step ``step`` (its metrics logged, ``paused.<rank>`` touched in the run dir) until the
+    file ``release`` exists and, with ``until_stop``, the rank has seen its stop request (a signal forwarded by
+    torchrun arrives a little later), so a test signals or kills the run at exactly that step whatever the load."""
+
+    def __init__(self, step: int, release: str, until_stop: bool = False) -> None:
+        self.step, self.release, self.until_stop = int(step), release, bool(until_stop)
+
+    def on_step_end(self, trainer, step: int) -> None:
+        if step != self.step:
+            return
+        (trainer.run_dir / f"paused.{trainer.dist.rank}").touch()
+        while not (os.path.exists(self.release)
+                   and (not self.until_stop or (trainer.stop_requested and trainer.stop_requested()))):
+            time.sleep(0.05)
+
+
 def callbacks(**faults: object) -> str:
     """``train.callbacks=[...]`` for the named faults, e.g. ``callbacks(NanInputs={"steps": [2, 3]})``."""
     nodes = []
@@ -72,4 +89,10 @@ def callbacks(**faults: object) -> str:
 
 
 def _value(v: object) -> str:
-    return "[" + ",".join(map(str, v)) + "]" if isinstance(v, (list, tuple)) else str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(map(_value, v)) + "]"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (int, float)):
+        return str(v)
+    return "'" + str(v).replace("'", "\\'") + "'"

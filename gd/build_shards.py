@@ -1,0 +1,33 @@
+"""Build pre-grouped latent shards (MDS) from an image collection: ``python -m gd.build_shards`` / ``gd-build-shards``
+(also ``tools/build_shards.py``); settings in conf/build_shards.yaml, the pipeline in gd/data/build.py.
+
+Each stage is resumable: re-run the same command after a crash or preemption. Multi-process / multi-machine:
+run with rank=i world=n (defaults: a SLURM job array times the job's processes, torchrun's RANK/WORLD_SIZE or
+srun's SLURM_PROCID/SLURM_STEP_NUM_TASKS) against a work_dir on a filesystem all machines share (the out= store can
+be s3://). Chunk c goes to rank c % world. retrieve needs every embed chunk and write every retrieve chunk: either
+let the ranks wait for each other (all running at once, e.g. `srun -N4 --ntasks-per-node 8 python -m
+gd.build_shards ...`; they wait up to wait_timeout_s, 6 h by default), or run `stages=[read,encode,embed]` as a job
+array, then the remaining stages.
+"""
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from gd.config import config_path
+
+
+def main() -> None:
+    """Hydra entry point (conf/build_shards.yaml); torch and the pipeline load only once a build starts."""
+    import hydra
+
+    @hydra.main(config_path=config_path(), config_name="build_shards", version_base="1.3")
+    def _main(cfg: DictConfig) -> None:
+        from gd.data.build import Builder, config_from_dict
+
+        Builder(config_from_dict(OmegaConf.to_container(cfg, resolve=True))).run()
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
