@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 STEPS = 12
 TWO_NODES = ["+cluster=slurm", "cluster.nodes=2", "cluster.tasks_per_node=1", "cluster.gpus_per_node=0",
-             "cluster.cpus_per_task=1", "cluster.timeout_min=60"]
+             "cluster.cpus_per_task=1", "cluster.timeout_min=60", "launcher.wait=true"]
 
 
 @pytest.fixture(scope="module")
