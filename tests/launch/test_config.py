@@ -64,6 +64,26 @@ def test_more_gpus_than_groups_in_the_batch() -> None:
     assert "32 processes" in msg and "only 16 groups" in msg
 
 
+def test_groupdiff16_on_four_nodes_with_two_ranks_per_group() -> None:
+    """The design card's headline run, 4 x 8 GPUs at batch 256 (8 images per rank): refused without group
+    parallelism with the fix named, accepted with train.group_parallel=2. Heads that Ulysses cannot split are
+    refused naming the heads, P and the implementation; all-gather takes them."""
+    four = ("+cluster=slurm", "+exp=groupdiff16", "cluster.nodes=4", "train.micro_batch=8")
+    msg = _rejection(*four)
+    assert "32 processes but train.global_batch=256 holds only 16 groups" in msg
+    assert "set train.group_parallel=2" in msg
+    cfg = compose_cfg(*four, "train.group_parallel=2")
+    with open_dict(cfg):
+        cfg.launcher.check_data = False
+    assert validate(cfg) == []
+    msg = _rejection(*four, "train.group_parallel=8", "+model.num_heads=12")
+    assert "num_heads=12 is not divisible by group_parallel P=8" in msg and "train.group_parallel_impl" in msg
+    cfg = compose_cfg(*four, "train.group_parallel=8", "+model.num_heads=12", "train.group_parallel_impl=allgather")
+    with open_dict(cfg):
+        cfg.launcher.check_data = False
+    assert validate(cfg) == []
+
+
 def test_micro_batch_times_world_must_divide_the_batch() -> None:
     msg = _rejection("+cluster=slurm", "+exp=groupdiff4", "cluster.nodes=2")
     assert "not a multiple of 16 processes" in msg and "= 512" in msg

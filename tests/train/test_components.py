@@ -61,6 +61,7 @@ def test_layout_rejects_bad_batches(global_batch, micro, world, n, needle):
 @pytest.mark.parametrize("extra,needle", [
     (["train.global_batch=12", "train.micro_batch=8"], "global_batch=12 is not divisible by train.micro_batch=8"),
     (["train.micro_batch=6", "train.global_batch=12"], "micro_batch=6 images is not divisible by diffusion.group_size=4"),
+    (["train.group_parallel=3"], "diffusion.group_size=4 is not divisible by train.group_parallel=3"),
 ])
 def test_train_fails_before_any_work(tmp_path, extra, needle):
     """A bad batch layout is refused by the config check, before the data (data.root does not even exist: reaching
