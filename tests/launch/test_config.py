@@ -67,7 +67,7 @@ def test_more_gpus_than_groups_in_the_batch() -> None:
 def test_groupdiff16_on_four_nodes_with_two_ranks_per_group() -> None:
     """The design card's headline run, 4 x 8 GPUs at batch 256 (8 images per rank): refused without group
     parallelism with the fix named, accepted with train.group_parallel=2. Heads that Ulysses cannot split are
-    refused naming the heads, P and the implementation; all-gather takes them."""
+    refused naming the heads, P and the implementation; all-gather takes them. Sampling checks its own P."""
     four = ("+cluster=slurm", "+exp=groupdiff16", "cluster.nodes=4", "train.micro_batch=8")
     msg = _rejection(*four)
     assert "32 processes but train.global_batch=256 holds only 16 groups" in msg
@@ -82,6 +82,8 @@ def test_groupdiff16_on_four_nodes_with_two_ranks_per_group() -> None:
     with open_dict(cfg):
         cfg.launcher.check_data = False
     assert validate(cfg) == []
+    msg = _rejection("+cluster=slurm", "+exp=groupdiff16", "task=sample", "sample.group_parallel=3")
+    assert "sample.group_size=16 is not divisible by sample.group_parallel=3" in msg
 
 
 def test_micro_batch_times_world_must_divide_the_batch() -> None:

@@ -89,6 +89,22 @@ def test_refuses_checkpoint_of_another_model(tmp_path):
         train(compose(*overrides(tmp_path, run)))
 
 
+def test_refuses_checkpoint_of_another_group_parallel_degree(tmp_path):
+    """A checkpoint written with train.group_parallel=2 holds the replica's queued batches and loader states: a
+    resume with another P is refused naming both, before any process group or data."""
+    from gd.train import train
+
+    run = tmp_path / "run"
+    cfg = compose(*overrides(tmp_path, run))
+    ckpt = run / "checkpoints" / "step_00000008"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"step": 8, "world_size": 1, "group_parallel": 2,
+                                                "model_signature": model_signature(cfg.model)}))
+    (run / "checkpoints" / "latest").write_text("step_00000008\n")
+    with pytest.raises(CheckpointMismatchError, match="written with train.group_parallel=2, this run has 1"):
+        train(cfg)
+
+
 # ---- EMA ---------------------------------------------------------------------------------------------------
 def test_sharded_ema_matches_float64_loop():
     torch.manual_seed(0)
