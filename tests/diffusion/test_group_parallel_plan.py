@@ -103,9 +103,9 @@ def _toy_model(x, t, y, group_size, **kwargs):
 @pytest.mark.parametrize("n", [4, 1])
 def test_flow_loss_of_the_ranks_adds_up_to_p_times_the_replicas(reduction, n):
     """The P ranks' losses add up to P times the unsplit loss (to fp32 rounding: the flow objective reduces in
-    fp32), each rank's per-image MSE is its rows of the unsplit one, and the times (sigma_tv window, drawn per group) and noise are the replica's. Catches draws at
-    the rank's shape (other times and noise), a per-group sum left unscaled by P (ZeRO would give 1/P of the
-    gradient) and a mean scaled when it should not be."""
+    fp32), each rank's per-image MSE is its rows of the unsplit one, and the times (sigma_tv window, drawn per
+    group) and noise are the replica's. Catches draws at the rank's shape (other times and noise), a per-group sum
+    left unscaled by P (ZeRO would give 1/P of the gradient) and a mean scaled when it should not be."""
     p, groups = 2, 3
     x = torch.randn(groups * 4, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = torch.arange(groups * 4) % 10

@@ -45,7 +45,8 @@ def test_p2_writes_the_bytes_of_one_process(tmp_path):
 
 @pytest.mark.parametrize("extra,needle", [
     (dict(group_parallel=3), "sample.group_size=4 is not divisible by sample.group_parallel=3"),
-    (dict(group_parallel=2, mode="none", group_size=1), "sample.group_size=1 is not divisible by sample.group_parallel=2"),
+    (dict(group_parallel=2, mode="none", group_size=1),
+     "sample.group_size=1 is not divisible by sample.group_parallel=2"),
     (dict(group_parallel=4), "sample.group_parallel=4 does not divide the 2 processes"),
 ])
 def test_refusals_before_any_work(tmp_path, extra, needle):
