@@ -16,6 +16,15 @@ work, of the sampler's noise (SDE, DDPM, DDIM with eta > 0: one generator per (s
 they are assigned to ranks round-robin, so 1 rank and W ranks produce identical chunks. Changing
 ``batch_groups`` changes the sampler's noise.
 
+Group parallelism (``sample.group_parallel`` P, gd.models.group_parallel): P consecutive ranks share each group,
+so groups larger than one GPU holds (N = 64) can be generated. They form one replica, which takes the chunks one
+rank would (round-robin over world/P replicas); each rank runs the model on its members of every group of the
+chunk (r*N/P .. (r+1)*N/P - 1) and the outputs are all-gathered, so every rank of the replica integrates the whole
+chunk: the sampler's noise, CFG and dopri5's adaptive steps (its error norm over the whole state) are those of one
+process, with no further collective, and the replica's first rank decodes and writes the chunk as one process
+would. The images equal those of P = 1 up to rounding (a matmul over a different batch shape rounds differently,
+with or without group parallelism); in float64 the files are byte-identical (tested).
+
 Outputs under ``sample.out`` (written atomically, a finished chunk is never redone):
   settings.json                 what determines the images (checked on resume) and its hash
   chunks/chunk_XXXXXX.npz       uint8 images, labels, output indices, slots of one chunk (written last)
@@ -49,6 +58,7 @@ from gd.rng import mix_seed, seeded_generator
 
 if TYPE_CHECKING:
     from gd.diffusion.objectives import Objective, Sampler
+    from gd.models.group_parallel import GroupParallel
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: identical runs write identical bytes
@@ -142,8 +152,78 @@ class SeededSlots:
         self.num_classes = model.num_classes
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, group_size: int) -> torch.Tensor:
-        slots = self.model.draw_slots(x.shape[0], group_size, self.generator).to(x.device)
+        slots = self.model.draw_slots(x.shape[0], group_size, self.generator, whole=True).to(x.device)
         return self.net(x, t, y, group_size, slots=slots)
+
+
+class MemberSplit:
+    """``net(x, t, y, group_size, **kwargs)`` on a chunk's whole groups (G*N, group-major) computed by the P ranks
+    of a group-parallel group: each runs ``net`` on its members of every group (gd.diffusion.plan.Shard; any
+    per-image tensor argument is split alike) and the outputs are all-gathered, identical on every rank."""
+
+    def __init__(self, net: Callable[..., torch.Tensor], ctx: GroupParallel, group_size: int) -> None:
+        from gd.diffusion.plan import Shard
+
+        self.net, self.ctx, self.group_size = net, ctx, int(group_size)
+        self.shard = Shard(ctx.degree, ctx.rank)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, group_size: int,
+                 **kwargs: Any) -> torch.Tensor:
+        batch = x.shape[0]
+
+        def take(value: Any) -> Any:
+            per_image = torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch
+            return self.shard.take(value, self.group_size) if per_image else value
+
+        out = self.net(take(x), take(t), take(y), group_size, **{k: take(v) for k, v in kwargs.items()})
+        return self.ctx.gather_members(out, self.group_size)
+
+
+def group_parallel_degree(s: DictConfig, world_size: int) -> int:
+    """``sample.group_parallel`` P, checked against the world and the group size (the layout's N, which both CFG
+    branches' batches are made of): a ValueError naming the values."""
+    p = s.get("group_parallel") or 1
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise ValueError(f"sample.group_parallel={p!r}: expected a positive integer")
+    if p == 1:
+        return 1
+    n = int(s.group_size)
+    if n % p:
+        raise ValueError(f"sample.group_size={n} is not divisible by sample.group_parallel={p}: each of the P ranks "
+                         f"of a group-parallel group holds N/P members of every group; use a P that divides {n}")
+    if world_size % p:
+        raise ValueError(f"sample.group_parallel={p} does not divide the {world_size} processes: a group-parallel "
+                         f"group is {p} consecutive ranks")
+    return p
+
+
+def _group_parallel(p: int, impl: str, rank: int, world_size: int, device: torch.device) -> GroupParallel:
+    """The group-parallel groups of P consecutive ranks (the process group started from the env:// variables
+    torchrun or gd.launch set, unless the caller started one)."""
+    import torch.distributed as dist
+
+    from gd.models.group_parallel import new_group_parallel
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=rank,
+                                world_size=world_size)
+    if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+        raise ValueError(f"rank {rank} of {world_size} but the process group has rank {dist.get_rank()} of "
+                         f"{dist.get_world_size()}")
+    return new_group_parallel(p, impl)
+
+
+def _agreed(todo: list[int], ctx: GroupParallel | None, rank: int, device: torch.device) -> list[int]:
+    """The chunks the replica's first rank found unfinished, on every rank of the replica: they must run the same
+    chunks together (their collectives pair up), whatever a shared file system shows each of them."""
+    if ctx is None:
+        return todo
+    import torch.distributed as dist
+
+    box = [todo]
+    dist.broadcast_object_list(box, src=rank - ctx.rank, group=ctx.group,
+                               device=device if device.type == "cuda" else None)
+    return list(box[0])
 
 
 # --------------------------------------------------------------------------------------- atomic writers
@@ -386,6 +466,8 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     _check_sample_cfg(cfg)
+    p = group_parallel_degree(s, world_size)
+    replica, replicas = rank // p, world_size // p
     ckpt = checkpoint_path(cfg) if model is None else None
     out = Path(str(s.out)).expanduser()
     device = _device(str(s.get("device", "auto")))
@@ -415,16 +497,23 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
     digest = settings_hash(settings)
     _claim_out_dir(out, settings, digest)
 
+    ctx = None
+    if p > 1:
+        ctx = _group_parallel(p, str(s.get("group_parallel_impl") or "ulysses"), rank, world_size, device)
+        model.set_group_parallel(ctx)  # through FromReverseTime too; refuses heads P does not divide (Ulysses)
+    writes = ctx is None or ctx.rank == 0  # the replica's first rank decodes and writes its chunks
+
     final = out / "samples.npz"
-    todo = [c for c in layout.rank_chunks(rank, world_size) if not _paths(out, c)[0].is_file()]
+    mine = layout.rank_chunks(replica, replicas)
+    todo = _agreed([c for c in mine if not _paths(out, c)[0].is_file()], ctx, rank, device)
     result = {"out": str(out), "settings": settings, "settings_hash": digest, "generated": 0,
-              "skipped": len(layout.rank_chunks(rank, world_size)) - len(todo)}
+              "skipped": len(mine) - len(todo)}
     if final.is_file() and not todo:
         return {**result, "npz": str(final) if rank == 0 else None}
 
     model.to(device)
     net = objective.network(torch.compile(model) if s.get("compile") else model)
-    decoder = build_decoder(s, model.in_channels, device) if todo else None
+    decoder = build_decoder(s, model.in_channels, device) if todo and writes else None
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if s.precision == "bf16" else nullcontext())
     progress = Progress(sum(int(layout.slot_kept(layout.chunk_slots(c)).sum()) for c in todo),
                         enabled=rank == 0 and bool(s.get("progress", True)))
@@ -433,7 +522,11 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
         npz_path, tar_path = _paths(out, chunk)
         slots = layout.chunk_slots(chunk)
         with autocast:
-            latents = chunk_latents(sampler, net, model, layout, chunk, int(s.seed), (cond_n, uncond_n), device)
+            latents = chunk_latents(sampler, net, model, layout, chunk, int(s.seed), (cond_n, uncond_n), device,
+                                    group_parallel=ctx)
+        result["generated"] += 1
+        if not writes:
+            continue
         kept = layout.slot_kept(slots)
         images = decoder.decode(latents.float()[torch.as_tensor(kept, device=device)]).cpu().numpy()
         kept_slots = slots[kept]
@@ -443,7 +536,6 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
             write_png_tar(tar_path, images, indices, kept_labels)
         write_npz(npz_path, {"images": images, "labels": kept_labels.astype(np.int64),
                              "indices": indices.astype(np.int64), "slots": kept_slots.astype(np.int64)})
-        result["generated"] += 1
         progress.update(len(images))
         if on_chunk is not None:
             on_chunk(chunk, len(images))
@@ -457,14 +549,18 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
 
 
 def chunk_latents(sampler: Sampler, net: Callable[..., torch.Tensor], model: torch.nn.Module, layout: Layout,
-                  chunk: int, seed: int, group_sizes: tuple[int, int], device: torch.device) -> torch.Tensor:
+                  chunk: int, seed: int, group_sizes: tuple[int, int], device: torch.device,
+                  group_parallel: GroupParallel | None = None) -> torch.Tensor:
     """The latents of one chunk, a function of (seed, chunk) alone: each slot's noise from (seed, slot), its group's
     class, the sampler's noise and the "cond" sample-embedding slots from the chunk's own generators. ``net`` is the
     model as the objective calls it (``Objective.network``); group_sizes are the (conditional, unconditional)
-    CFG branches'."""
+    CFG branches'. ``group_parallel``: the model computes this rank's members only (:class:`MemberSplit`); the
+    whole chunk's latents are returned on every rank of the group."""
     slots = layout.chunk_slots(chunk)
     labels = torch.as_tensor(layout.slot_labels(slots), device=device)
     noise = slot_noise(seed, slots, (model.in_channels, model.input_size, model.input_size)).to(device)
+    if group_parallel is not None:
+        net = MemberSplit(net, group_parallel, layout.group_size)
     if getattr(model, "embed_mode", "none") == "cond":
         net = SeededSlots(net, model, chunk_generator(seed, chunk, stream=2))
     return sampler(net, noise, labels, group_size=group_sizes[0], uncond_group_size=group_sizes[1],

@@ -148,7 +148,7 @@ def _get(cfg: Mapping | Any, key: str, default: Any = None) -> Any:
 
 
 def build_loaders(data_cfg: Mapping | Any, *, group_size: int, micro_batch: int, seed: int, rank: int,
-                  world_size: int) -> tuple[StreamingDataLoader, StreamingDataLoader]:
+                  world_size: int, replication: int = 1) -> tuple[StreamingDataLoader, StreamingDataLoader]:
     """(plain_loader, group_loader) over `data_cfg.root` (local dir or s3://bucket/prefix).
 
     Plain batch: {"latent": float32 (B,C,H,W), "label": long (B,), "id": long (B,)} with B = micro_batch.
@@ -158,7 +158,11 @@ def build_loaders(data_cfg: Mapping | Any, *, group_size: int, micro_batch: int,
     num_canonical_nodes.
 
     ``cache`` is where this node's ranks copy and decompress the shards of ``root`` (local or s3://): it must be
-    node-local (gd.train.nodes refuses one that several nodes share) and private (gd.io.private_dir)."""
+    node-local (gd.train.nodes refuses one that several nodes share) and private (gd.io.private_dir).
+
+    ``replication`` P (group parallelism): P consecutive ranks get the same batches (streaming's ``replication``,
+    which also counts their shared samples once in ``state_dict``); ``micro_batch`` is then the batch the P ranks
+    share."""
     root = str(_get(data_cfg, "root"))
     check_groups(micro_batch, group_size, f"micro_batch={micro_batch}")
     world = World.detect()
@@ -175,6 +179,7 @@ def build_loaders(data_cfg: Mapping | Any, *, group_size: int, micro_batch: int,
         cache_limit=_get(data_cfg, "cache_limit"), predownload=_get(data_cfg, "predownload"),
         shuffle_block_size=_get(data_cfg, "shuffle_block_size"), download_timeout=120,
         num_canonical_nodes=_get(data_cfg, "num_canonical_nodes"),
+        replication=int(replication) if int(replication) > 1 else None,
     )
     flip = bool(_get(data_cfg, "flip", False)) and bool(meta.get("flip"))
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from gd.diffusion.path import LinearPath, Path
-from gd.diffusion.plan import check_groups
+from gd.diffusion.plan import Shard, check_groups
 
 VelocityModel = Callable[..., Tensor]
 
@@ -114,7 +114,8 @@ def group_timesteps(num_groups: int, group_size: int, *, sigma_tv: float = 0.0,
 def group_loss(model: VelocityModel, x1: Tensor, y: Tensor, group_size: int, *, t: Tensor | None = None,
                noise: Tensor | None = None, sigma_tv: float = 0.0, generator: torch.Generator | None = None,
                time_sampling: str | TimeSampler = "uniform", path: Path | None = None,
-               reduction: str = "mean", sigma_tv_draw: str = "window") -> tuple[Tensor, Tensor]:
+               reduction: str = "mean", sigma_tv_draw: str = "window",
+               shard: Shard | None = None) -> tuple[Tensor, Tensor]:
     """GroupDiff's objective for a group-major batch x1 of shape (G*N, C, H, W).
 
     Returns (loss, per_image_mse), per_image_mse the velocity MSE of each image (mean over C, H, W, in fp32).
@@ -123,6 +124,10 @@ def group_loss(model: VelocityModel, x1: Tensor, y: Tensor, group_size: int, *, 
     averaged over the G groups, so a group image weighs N times a conditional one. With N = 1 both are SiT's mean
     velocity MSE. ``model(x_t, t, y, group_size)`` must return a velocity of x1's shape; the time draws (t, then
     noise) come from ``generator`` in that order, see :func:`group_timesteps`.
+
+    ``shard`` (group parallelism, gd.diffusion.plan.Shard): x1 and y are the replica's whole micro-batch; t and
+    the noise are drawn for all of it, the model sees this rank's rows only, and the loss and per_image_mse are
+    this rank's (:meth:`Shard.reduce`: the P ranks' losses add up to P times the replica's).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: expected one of {REDUCTIONS}")
@@ -145,11 +150,11 @@ def group_loss(model: VelocityModel, x1: Tensor, y: Tensor, group_size: int, *, 
     path = path or LinearPath()
     x_t = path.x_t(t, noise, x1)
     target = path.velocity(t, noise, x1)
+    shard = shard or Shard()
+    x_t, t, y, target = (shard.take(v, group_size) for v in (x_t, t, y, target))
     pred = model(x_t, t, y, group_size)
-    if pred.shape != x1.shape:
-        raise ValueError(f"model returned shape {tuple(pred.shape)}, expected the input's {tuple(x1.shape)}")
+    if pred.shape != x_t.shape:
+        raise ValueError(f"model returned shape {tuple(pred.shape)}, expected the input's {tuple(x_t.shape)}")
     per_image = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, x1.ndim)))
-    if reduction == "mean":
-        return per_image.mean(), per_image
-    return per_image.view(groups, group_size).sum(dim=1).mean(), per_image
+    return shard.reduce(per_image, group_size, reduction), per_image
 

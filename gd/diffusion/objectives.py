@@ -35,6 +35,7 @@ from gd.diffusion.convert import FromReverseTime
 from gd.diffusion.guidance import CallStats
 from gd.diffusion.objective import REDUCTIONS, SIGMA_TV_DRAWS, TimeSampler, group_loss
 from gd.diffusion.path import LinearPath
+from gd.diffusion.plan import Shard
 
 OBJECTIVES = ("flow", "ddpm")
 Net = Callable[..., Tensor]
@@ -58,8 +59,8 @@ class Objective(Protocol):
 
     def network(self, net: Net) -> Net: ...
 
-    def loss(self, net: Net, x: Tensor, y: Tensor, group_size: int,
-             generator: torch.Generator | None) -> tuple[Tensor, Tensor]: ...
+    def loss(self, net: Net, x: Tensor, y: Tensor, group_size: int, generator: torch.Generator | None,
+             shard: Shard | None = None) -> tuple[Tensor, Tensor]: ...
 
     def check_model(self, model: Mapping[str, Any]) -> None: ...
 
@@ -165,11 +166,13 @@ class FlowObjective:
         """``net`` as the flow loss and samplers call it: the velocity, the model's first C channels."""
         return net
 
-    def loss(self, net: Net, x: Tensor, y: Tensor, group_size: int,
-             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """(loss, per-image velocity MSE); t, then the noise, come from ``generator``."""
+    def loss(self, net: Net, x: Tensor, y: Tensor, group_size: int, generator: torch.Generator | None,
+             shard: Shard | None = None) -> tuple[Tensor, Tensor]:
+        """(loss, per-image velocity MSE); t, then the noise, come from ``generator``; ``shard``: this rank's rows
+        of the replica's batch under group parallelism (gd.diffusion.plan.Shard)."""
         return group_loss(net, x, y, group_size, sigma_tv=self.sigma_tv, generator=generator,
-                          time_sampling=self.time_sampler, reduction=self.reduction, sigma_tv_draw=self.sigma_tv_draw)
+                          time_sampling=self.time_sampler, reduction=self.reduction, sigma_tv_draw=self.sigma_tv_draw,
+                          shard=shard)
 
     def check_model(self, model: Mapping[str, Any]) -> None:
         window = _window(model.get("group_t_window"))
@@ -270,11 +273,13 @@ class DDPMObjective:
         """``net`` as the DDPM loss and samplers call it: every output channel (ε, then the variance values)."""
         return functools.partial(net, full_output=True)
 
-    def loss(self, net: Net, x: Tensor, y: Tensor, group_size: int,
-             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """(loss, per-image hybrid loss ε MSE + VLB); t, then the noise, come from ``generator``."""
+    def loss(self, net: Net, x: Tensor, y: Tensor, group_size: int, generator: torch.Generator | None,
+             shard: Shard | None = None) -> tuple[Tensor, Tensor]:
+        """(loss, per-image hybrid loss ε MSE + VLB); t, then the noise, come from ``generator``; ``shard`` as for
+        the flow objective."""
         loss, terms = ddpm.group_loss(self.diffusion, net, x, y, group_size, spread=self.spread,
-                                      keep_anchor=self.keep_anchor, generator=generator, reduction=self.reduction)
+                                      keep_anchor=self.keep_anchor, generator=generator, reduction=self.reduction,
+                                      shard=shard)
         return loss, terms.loss
 
     def check_model(self, model: Mapping[str, Any]) -> None:

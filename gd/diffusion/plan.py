@@ -23,6 +23,14 @@ At sampling the plan gives each CFG branch its group size (GroupDiff-l: conditio
 Every decision and every dropout mask is a pure function of (seed, step, rank, micro), so a resumed run replays
 the same plan without any saved state. Every micro-batch holds the same number of images; only how they are
 split into groups changes, and :func:`batch_layout` is the one check that a batch splits as the plan needs.
+
+Group parallelism (``train.group_parallel`` P, gd.models.group_parallel): P consecutive ranks compute one
+*replica's* micro-batch together, a replica being what one rank is without it. The plan, the data and every draw
+belong to the replica (index rank // P): the P ranks of a replica get the same kind in the same micro-batch (they
+run collectives together), the same labels and the same generator, and each keeps its rows of the replica's
+micro-batch (:class:`Shard`): members r*N/P .. (r+1)*N/P - 1 of every group in a group micro-batch, the r-th
+contiguous P-th of the images in a conditional one (group size 1: nothing to share, each rank runs its images
+alone). A run with P > 1 thus draws exactly what a run with world/P ranks and P times the micro batch draws.
 """
 from __future__ import annotations
 
@@ -57,52 +65,147 @@ def check_groups(images: int, group_size: int, what: str = "batch") -> int:
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """How the global batch (images per optimizer step) splits over processes and micro-steps."""
+    """How the global batch (images per optimizer step) splits over processes and micro-steps; ``micro_batch``
+    images per process, ``group_parallel`` P processes per replica (see the module docstring)."""
 
     global_batch: int
     micro_batch: int
     world_size: int
     grad_accum: int
+    group_parallel: int = 1
+
+    @property
+    def replicas(self) -> int:
+        """Data-parallel replicas: world size / P."""
+        return self.world_size // self.group_parallel
+
+    @property
+    def replica_batch(self) -> int:
+        """Images of one replica's micro-batch, what its P ranks read and draw for together: micro_batch x P."""
+        return self.micro_batch * self.group_parallel
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def suggest_group_parallel(world_size: int, group_size: int, groups: int, degree: int = 1) -> int | None:
+    """The smallest P > ``degree`` that divides N and the world and leaves at most ``groups`` replicas (None when
+    there is none): what to suggest when a step's groups cannot give every replica whole groups."""
+    for p in range(degree + 1, group_size + 1):
+        if group_size % p == 0 and world_size % p == 0 and world_size // p <= groups:
+            return p
+    return None
 
 
 def batch_layout(train_cfg: Mapping[str, Any], world_size: int, group_size: int = 1,
                  max_group_size: int | None = None) -> BatchLayout:
-    """Check the batch arithmetic for ``train_cfg`` (global_batch, micro_batch) on ``world_size`` processes with
-    groups of ``group_size``; return the layout, or raise ValueError naming every bad value.
+    """Check the batch arithmetic for ``train_cfg`` (global_batch, micro_batch, group_parallel) on ``world_size``
+    processes with groups of ``group_size``; return the layout, or raise ValueError naming every bad value.
 
     global_batch images per optimizer step = micro_batch images per process per micro-step x world_size x
-    gradient accumulation; a group step's micro batch holds micro_batch / group_size whole groups.
+    gradient accumulation. With group_parallel P (default 1) the processes form world/P replicas of P consecutive
+    ranks; a group micro-batch on a rank holds G groups x N/P members (its share of the replica's G groups), so
+    the step's global_batch/N groups must cover the replicas, P must divide N and the world, and micro_batch must
+    be a multiple of N/P.
     """
     gb, mb, n, world = train_cfg["global_batch"], train_cfg["micro_batch"], group_size, world_size
+    p = train_cfg.get("group_parallel", 1)
+    p = 1 if p is None else p
     errors = []
     for key, value in (("train.global_batch", gb), ("train.micro_batch", mb), ("diffusion.group_size", n),
-                       ("world size", world)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                       ("world size", world), ("train.group_parallel", p)):
+        if not _positive(value):
             errors.append(f"{key}={value!r}: expected a positive integer")
     if errors:
         raise ValueError("invalid batch configuration:\n  " + "\n  ".join(errors))
     if max_group_size is not None and n > max_group_size:
         errors.append(f"diffusion.group_size={n} exceeds model.max_group_size={max_group_size} "
                       "(the sample embedding has one row per group member)")
+    if p > 1 and world % p:
+        errors.append(f"train.group_parallel={p} does not divide the {world} processes: a group-parallel group "
+                      f"is {p} consecutive ranks")
+    if p > 1 and n % p:
+        what = "a run without groups (group size 1)" if n == 1 else "each of its ranks holds N/P members of every group"
+        errors.append(f"diffusion.group_size={n} is not divisible by train.group_parallel={p}: {what}; use a P "
+                      f"that divides {n}" + (" or train.group_parallel=1" if n > 1 else ""))
+    splits = world % p == 0 and n % p == 0
     if gb % n:
         errors.append(f"train.global_batch={gb} is not divisible by diffusion.group_size={n}: "
                       "a group step needs whole groups")
-    elif world > gb // n:
-        errors.append(f"{world} processes but train.global_batch={gb} holds only {gb // n} groups of "
-                      f"diffusion.group_size={n}: every process needs whole groups, and a group is not split "
-                      f"across processes. Use at most {gb // n} processes (fewer nodes, or fewer tasks per node), "
-                      f"or raise train.global_batch to a multiple of {world * n} (which changes the recipe and its "
-                      "learning-rate tuning)")
+    elif splits and world // p > gb // n:
+        groups, replicas = gb // n, world // p
+        fix = suggest_group_parallel(world, n, groups, p)
+        share = (f"set train.group_parallel={fix} ({fix} ranks share each group, holding {n // fix} of its members "
+                 f"each: {world // fix} replicas)" if fix else "no group_parallel P dividing N and the world fits")
+        who = f"{world} processes" if p == 1 else f"{world} processes / train.group_parallel={p} = {replicas} replicas"
+        errors.append(f"{who} but train.global_batch={gb} holds only {groups} groups of diffusion.group_size={n}: "
+                      f"every {'process' if p == 1 else 'replica'} needs whole groups; {share}. Or use at most "
+                      f"{groups * p} processes (fewer nodes, or fewer tasks per node), or raise train.global_batch "
+                      f"to a multiple of {replicas * n} (which changes the recipe and its learning-rate tuning)")
     if gb % (mb * world):
         errors.append(f"train.global_batch={gb} is not divisible by train.micro_batch={mb} x world size {world} "
                       f"= {mb * world}: not a multiple of {world} processes x the micro batch, so gradient "
-                      "accumulation would not be a whole number of micro-batches")
-    if mb % n:
-        errors.append(f"train.micro_batch={mb} images is not divisible by diffusion.group_size={n}: "
-                      f"a micro batch must hold whole groups")
+                      "accumulation would not be a whole number of micro-batches"
+                      + (f" (train.micro_batch={gb // world} gives one micro-batch per step)"
+                         if gb % world == 0 and gb // world < mb else ""))
+    if splits and mb % (n // p):
+        share = f"diffusion.group_size={n}" if p == 1 else (f"diffusion.group_size={n} / train.group_parallel={p} "
+                                                             f"= {n // p} members per rank")
+        errors.append(f"train.micro_batch={mb} images is not divisible by {share}: a micro batch must hold whole "
+                      + ("groups" if p == 1 else "shares of groups"))
     if errors:
         raise ValueError("invalid batch configuration:\n  " + "\n  ".join(errors))
-    return BatchLayout(gb, mb, world, gb // (mb * world))
+    return BatchLayout(gb, mb, world, gb // (mb * world), p)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's rows of its replica's micro-batch under group parallelism: ``parts`` P ranks, this one ``index``
+    r (P = 1: all of it). A group-major batch of G groups of N (N > 1) gives rank r members r*N/P .. (r+1)*N/P - 1
+    of every group, the layout gd.models.group_parallel computes; a batch of single images (N = 1) gives it the
+    r-th contiguous P-th. Draws (times, noise, slots, dropped labels) are made for the whole replica batch from a
+    generator the P ranks seed alike, then taken, so every rank sees its part of the same draw."""
+
+    parts: int = 1
+    index: int = 0
+
+    def __post_init__(self) -> None:
+        if self.parts < 1 or not 0 <= self.index < self.parts:
+            raise ValueError(f"Shard(parts={self.parts}, index={self.index}): expected 0 <= index < parts")
+
+    def members(self, group_size: int) -> int:
+        """Images of each group (N > 1) or rows per image (N = 1) this rank holds: N/P, or 1."""
+        if group_size == 1:
+            return 1
+        if group_size % self.parts:
+            raise ValueError(f"group_size N={group_size} is not divisible by group_parallel P={self.parts}")
+        return group_size // self.parts
+
+    def take(self, x: Tensor, group_size: int) -> Tensor:
+        """This rank's rows of the replica-level ``x`` (B, ...) (B = G*N, group-major); 0-d tensors pass as they
+        are."""
+        if self.parts == 1 or x.dim() == 0:
+            return x
+        b, rest = x.shape[0], x.shape[1:]
+        if group_size > 1:
+            m = self.members(group_size)
+            check_groups(b, group_size)
+            return x.reshape(b // group_size, self.parts, m, *rest)[:, self.index].reshape(-1, *rest)
+        if b % self.parts:
+            raise ValueError(f"a batch of {b} single images does not split over group_parallel P={self.parts}")
+        per = b // self.parts
+        return x[self.index * per:(self.index + 1) * per]
+
+    def reduce(self, per_image: Tensor, group_size: int, reduction: str) -> Tensor:
+        """The rank's loss from its images' losses, such that the P ranks' losses add up to P times the replica's
+        (gd.models.group_parallel: ZeRO then averages to the replica's gradient): "mean" over its images;
+        "group_sum" its members' sum per group, averaged over groups, times P when groups are shared (N > 1)."""
+        if reduction == "mean":
+            return per_image.mean()
+        m = self.members(group_size) if group_size > 1 else 1
+        loss = per_image.view(-1, m).sum(dim=1).mean()
+        return loss * self.parts if group_size > 1 and self.parts > 1 else loss
 
 
 @dataclass(frozen=True)
@@ -128,10 +231,13 @@ class BatchPlan:
     """Deterministic plan for GroupDiff-l ("l"), GroupDiff-f ("f") or plain SiT ("none"); see the module docstring.
 
     ``class_dropout_prob``: probability that a conditional image's (mode "f": group's) label is dropped.
+    ``group_parallel`` P: ranks k*P .. k*P + P - 1 are replica k, and every per-rank decision and draw below is
+    replica k's (see the module docstring); P = 1: the replica is the rank.
     """
 
     def __init__(self, mode: str, group_size: int, p_group: float = 0.0, class_dropout_prob: float = 0.0,
-                 num_classes: int = 1, seed: int = 0, mix: str = "step", accum: int = 1) -> None:
+                 num_classes: int = 1, seed: int = 0, mix: str = "step", accum: int = 1,
+                 group_parallel: int = 1) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         if int(group_size) < 1:
@@ -148,6 +254,8 @@ class BatchPlan:
             raise ValueError(f"mix {mix!r} is not one of {MIXES}")
         if int(accum) < 1:
             raise ValueError(f"accum must be >= 1, got {accum}")
+        if int(group_parallel) < 1:
+            raise ValueError(f"group_parallel must be >= 1, got {group_parallel}")
         self.mode = mode
         self.group_size = int(group_size) if mode != "none" else 1
         self.p_group = float(p_group) if mode != "none" else 0.0
@@ -156,6 +264,7 @@ class BatchPlan:
         self.seed = int(seed)
         self.mix = mix
         self.accum = int(accum)
+        self.group_parallel = int(group_parallel)
         share = Fraction(self.p_group).limit_denominator(_MAX_BLOCK)
         # mix="micro": every rank takes exactly `per_block` group micro-batches in each block of `block` consecutive
         # micro-batches (its own accumulation steps, step after step), at positions drawn per (block, rank).
@@ -165,9 +274,10 @@ class BatchPlan:
 
     @classmethod
     def from_config(cls, diffusion: Mapping[str, Any], model: Mapping[str, Any] | None = None,
-                    seed: int = 0, accum: int = 1) -> BatchPlan:
+                    seed: int = 0, accum: int = 1, group_parallel: int = 1) -> BatchPlan:
         """The plan of a run from ``cfg.diffusion`` (mode, group_size, p_group, class_dropout, mix) and
-        ``cfg.model`` (num_classes; optional for sampling-only use), for ``accum`` micro-batches per step and rank.
+        ``cfg.model`` (num_classes; optional for sampling-only use), for ``accum`` micro-batches per step and rank
+        and ``group_parallel`` ranks per replica (``train.group_parallel``).
         Without ``diffusion.class_dropout`` the model's ``class_dropout_prob`` is the conditional dropout (configs
         written before the released recipe)."""
         model = model or {}
@@ -175,12 +285,12 @@ class BatchPlan:
         dropout = model.get("class_dropout_prob", 0.0) if dropout is None else dropout
         return cls(str(diffusion.get("mode", "none")), int(diffusion.get("group_size", 1)),
                    float(diffusion.get("p_group", 0.0)), float(dropout), int(model.get("num_classes", 1)),
-                   int(seed), str(diffusion.get("mix", "step")), int(accum))
+                   int(seed), str(diffusion.get("mix", "step")), int(accum), int(group_parallel))
 
     def __repr__(self) -> str:
         return (f"BatchPlan(mode={self.mode!r}, group_size={self.group_size}, p_group={self.p_group}, "
                 f"class_dropout_prob={self.class_dropout_prob}, num_classes={self.num_classes}, seed={self.seed}, "
-                f"mix={self.mix!r}, accum={self.accum})")
+                f"mix={self.mix!r}, accum={self.accum}, group_parallel={self.group_parallel})")
 
     # ---- group sizes ----------------------------------------------------------------------------------------
     @property
@@ -200,14 +310,19 @@ class BatchPlan:
 
     def layout(self, train_cfg: Mapping[str, Any], world_size: int,
                max_group_size: int | None = None) -> BatchLayout:
-        """:func:`batch_layout` at this plan's training group size."""
+        """:func:`batch_layout` at this plan's training group size (``train_cfg.group_parallel`` included)."""
         return batch_layout(train_cfg, world_size, self.train_group_size, max_group_size)
 
     # ---- per-micro-batch decisions ---------------------------------------------------------------------------
+    def replica(self, rank: int) -> int:
+        """The replica of ``rank``: rank // group_parallel (whose plan, labels and draws the rank shares)."""
+        return int(rank) // self.group_parallel
+
     def block_kinds(self, block: int, rank: int) -> np.ndarray:
         """(self.block,) bool: which of the block's consecutive micro-batches (flat index step * accum + micro,
-        from block * self.block on) are p_group events for ``rank``. mix="micro": exactly ``per_block`` of them,
-        at positions drawn from (seed, block, rank); mix="step": one draw per step, shared by every rank."""
+        from block * self.block on) are p_group events for replica ``rank`` (= rank // group_parallel).
+        mix="micro": exactly ``per_block`` of them, at positions drawn from (seed, block, replica); mix="step": one
+        draw per step, shared by every rank."""
         key = (int(block), int(rank) if self.mix == "micro" else 0)
         kinds = self._cache.get(key)
         if kinds is None:
@@ -224,7 +339,7 @@ class BatchPlan:
 
     def _drawn(self, step: int, rank: int, micro: int) -> bool:
         flat = int(step) * self.accum + int(micro)
-        return bool(self.block_kinds(flat // self.block, rank)[flat % self.block])
+        return bool(self.block_kinds(flat // self.block, self.replica(rank))[flat % self.block])
 
     def _plan(self, step: int, drawn: bool) -> StepPlan:
         if self.mode == "none":
@@ -269,8 +384,9 @@ class BatchPlan:
         ((B,) or (G, N)).
 
         Null (= num_classes) everywhere in a null-label micro-batch; otherwise class dropout with a generator
-        seeded from (seed, step, rank, micro) — per image, or per group in mode "f". `micro` is the gradient
-        accumulation index, so micro-batches of one step get independent masks.
+        seeded from (seed, step, replica, micro) — per image, or per group in mode "f". `micro` is the gradient
+        accumulation index, so micro-batches of one step get independent masks. Under group parallelism `y` is
+        the replica's micro-batch (all P ranks' rows), and the P ranks get the same labels.
         """
         if y.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"labels must be an integer tensor, got {y.dtype}")
@@ -284,7 +400,7 @@ class BatchPlan:
             return torch.full_like(y, self.num_classes)
         if self.class_dropout_prob == 0.0:
             return y.clone()
-        gen = seeded_generator(self.seed, _TAG_LABELS, int(step), int(rank), int(micro))
+        gen = seeded_generator(self.seed, _TAG_LABELS, int(step), self.replica(rank), int(micro))
         per_group = self.mode == "f"
         drop = torch.rand(groups if per_group else flat.shape[0], generator=gen) < self.class_dropout_prob
         if per_group:
@@ -294,8 +410,9 @@ class BatchPlan:
 
     def generator(self, step: int, rank: int = 0, micro: int = 0,
                   device: torch.device | str = "cpu") -> torch.Generator:
-        """A generator for the step's time and noise draws, seeded from (seed, step, rank, micro)."""
-        return seeded_generator(self.seed, _TAG_NOISE, int(step), int(rank), int(micro), device=device)
+        """A generator for the step's time and noise draws, seeded from (seed, step, replica, micro): the P ranks
+        of a replica draw alike (for the replica's whole micro-batch) and each takes its rows (:class:`Shard`)."""
+        return seeded_generator(self.seed, _TAG_NOISE, int(step), self.replica(rank), int(micro), device=device)
 
     def group_fraction(self, steps: int, start: int = 0, world_size: int = 1) -> float:
         """Fraction of null-label micro-batches among those of `steps` steps from `start` (the empirical p_group)."""

@@ -121,6 +121,23 @@ def _check_batch(cfg: DictConfig) -> list[str]:
     except ValueError as err:
         lines = [line.strip() for line in str(err).splitlines()[1:]] or [str(err)]
         return [f"{line} ({ranks})" if "processes" in line else line for line in lines]
+    return _check_heads(cfg.model, layout.group_parallel, cfg.train.get("group_parallel_impl"), "train")
+
+
+def _check_heads(model: DictConfig, degree: int, impl: str | None, section: str) -> list[str]:
+    """Group parallelism's implementation, and (Ulysses) that P divides the model's attention heads."""
+    from gd.models.group_parallel import IMPLS, check_heads
+    from gd.models.sit import size_defaults
+
+    impl = impl or "ulysses"
+    if impl not in IMPLS:
+        return [f"{section}.group_parallel_impl={impl!r}: expected one of {', '.join(IMPLS)}"]
+    if degree == 1:
+        return []
+    try:
+        check_heads(int(model.get("num_heads") or size_defaults(str(model.name))["num_heads"]), degree, impl)
+    except ValueError as err:
+        return [f"{err} (model {model.name}; {section}.group_parallel={degree}, {section}.group_parallel_impl)"]
     return []
 
 
@@ -174,6 +191,13 @@ def _check_sampling(cfg: DictConfig) -> list[str]:
     elif not is_url(ckpt) and not Path(ckpt).is_file():
         problems.append(f"sample.ckpt={ckpt} does not exist: train the run first (task=train) or point "
                         "sample.ckpt at an exported ema.pt")
+    from gd.sample import group_parallel_degree
+
+    try:
+        degree = group_parallel_degree(cfg.sample, world_size(cfg.cluster))
+        problems += _check_heads(cfg.model, degree, cfg.sample.get("group_parallel_impl"), "sample")
+    except ValueError as err:
+        problems.append(f"{err} ({world_size(cfg.cluster)} processes)")
     if cfg.task == "evaluate" and not OmegaConf.select(cfg, "metrics.reference"):
         problems.append("task=evaluate needs a FID reference: +metrics.reference=<image folder | .npz | "
                         "cleanfid:<name>:<res>:<split>> (other metric settings: conf/evaluate.yaml, as +metrics.*)")

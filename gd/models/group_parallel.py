@@ -111,6 +111,15 @@ class GroupParallel:
         """Rank 0's ``x`` on every rank of the group (no gradient): e.g. the anchor member's timestep."""
         return _all_gather(x.detach().contiguous(), 0, self.group)[: x.shape[0]]
 
+    def gather_members(self, x: Tensor, group_size: int) -> Tensor:
+        """Every rank's members put back together (no gradient): this rank's (G*N/P, ...) -> the whole groups
+        (G*N, ...), group-major, identical on every rank of the group (sampling: each rank integrates the whole
+        chunk, so the sampler's draws and adaptive steps are those of one process)."""
+        m = self.members(group_size)
+        full = _all_gather(x.detach().contiguous(), 0, self.group)  # (P*G*m, ...), rank-major
+        rest = x.shape[1:]
+        return full.reshape(self.degree, x.shape[0] // m, m, *rest).transpose(0, 1).reshape(-1, *rest)
+
 
 def members_per_rank(group_size: int, degree: int) -> int:
     """N/P, or a clear error when P does not divide N."""

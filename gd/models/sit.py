@@ -304,12 +304,14 @@ class SiT(nn.Module):
         return (group_size, mask) if any_in else (1, None)
 
     def draw_slots(self, batch: int, group_size: int, generator: torch.Generator | None = None,
-                   device: torch.device | str | None = None) -> Tensor:
+                   device: torch.device | str | None = None, *, whole: bool = False) -> Tensor:
         """Random sample-embedding slots (batch,) long: per group of ``group_size``, the first N entries of a random
         permutation of range(max_group_size) (the released code's draw), from ``generator`` when given. Under group
         parallelism ``batch`` is this rank's share and the slots are its members' of each group's permutation: the
-        group's ranks must then draw from identically seeded generators."""
-        m = self.members(group_size)
+        group's ranks must then draw from identically seeded generators. ``whole=True``: ``batch`` is every member
+        of every group (a replica's or a sampling chunk's whole batch) and nothing is sliced; the caller takes its
+        rows (gd.diffusion.plan.Shard)."""
+        m = group_size if whole else self.members(group_size)
         groups = batch // m
         if generator is None:  # (no generator argument at all: that overload also takes symbolic shapes)
             keys = torch.rand(groups, self.max_group_size, device=device)
@@ -423,6 +425,14 @@ def _validate(input_size: int, patch_size: int, hidden_size: int, depth: int, nu
 _DEFAULTS: dict[str, Any] = {name: p.default for name, p in inspect.signature(SiT.__init__).parameters.items()
                              if name not in ("self", "patch_size")}
 BUILD_KEYS = tuple(_DEFAULTS)
+
+
+def size_defaults(name: str) -> dict[str, int]:
+    """hidden_size, depth and num_heads that model ``name`` ('SiT-XL/2') has unless overridden."""
+    match = _NAME.match(name)
+    if not match or int(match.group(2)) not in PATCH_SIZES:
+        raise ValueError(f"model name {name!r}: expected 'SiT-<S|B|L|XL>/<2|4|8>', e.g. 'SiT-XL/2'")
+    return dict(SIZES[match.group(1)])
 
 
 def build_model(name: str, **overrides: Any) -> SiT:

@@ -9,6 +9,13 @@ from each stream at the same point of the program, although ranks hold group and
 different orders (gd.diffusion.plan, mix="micro"). The trainer therefore reads a whole block's batches up front
 (:meth:`StreamingData.prefetch`, the counts equal on every rank) and the micro-batches take them from per-stream
 queues; the queued batches are part of the checkpoint, so a run stopped mid-block resumes bit for bit.
+
+Group parallelism (``layout.group_parallel`` P > 1): both streams are read by replica, the P ranks of one getting
+the same batches of ``layout.replica_batch`` images (streaming's ``replication``), and :meth:`StreamingData.next`
+returns the replica's whole micro-batch; the trainer's draws cover all of it and each rank computes its rows
+(gd.diffusion.plan.Shard). Reading whole groups on every rank costs P times the group stream's bandwidth (latents
+are small next to a group's activations) and keeps the draw of a group's N-1 candidates, seeded by (seed, epoch,
+sample id), one draw per group.
 """
 from __future__ import annotations
 
@@ -77,8 +84,8 @@ def prepare_cache(cache: str, nodes: Nodes) -> None:
 
 
 class StreamingData:
-    """The run's two shard streams; ``next(grouped)`` gives one micro-batch ``(x, y)`` of ``micro_batch`` images,
-    from what :meth:`prefetch` read ahead."""
+    """The run's two shard streams; ``next(grouped)`` gives one micro-batch ``(x, y)`` of ``replica_batch`` images
+    (``micro_batch`` x group_parallel), from what :meth:`prefetch` read ahead."""
 
     def __init__(self, data_cfg: Any, layout: BatchLayout, group_size: int, seed: int, rank: int,
                  world_size: int, nodes: Nodes | None = None) -> None:
@@ -86,8 +93,8 @@ class StreamingData:
 
         if nodes is not None and data_cfg.get("cache"):
             prepare_cache(str(data_cfg.cache), nodes)
-        plain, group = build_loaders(data_cfg, group_size=group_size, micro_batch=layout.micro_batch, seed=seed,
-                                     rank=rank, world_size=world_size)
+        plain, group = build_loaders(data_cfg, group_size=group_size, micro_batch=layout.replica_batch, seed=seed,
+                                     rank=rank, world_size=world_size, replication=layout.group_parallel)
         self.queues = _Queues()
         self.loaders = {"plain": plain, "group": group, "queued": self.queues}
         self._batches = {"plain": _Epochs(plain), "group": _Epochs(group)}
@@ -113,7 +120,7 @@ class StreamingData:
 
 class SyntheticData:
     """The same random micro-batch (on the host, like a loader's) on every call, for benchmarks; shapes from
-    ``cfg.model``; no loader state to checkpoint."""
+    ``cfg.model``; no loader state to checkpoint. Under group parallelism ``micro_batch`` is the replica's batch."""
 
     loaders: dict[str, Any] = {}
 

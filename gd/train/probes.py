@@ -14,7 +14,9 @@ class SCrossProbe:
     ratio 1 (flow t = 0.5; the DDPM step where ᾱ is nearest 1/2), noised as the run's ``objective`` does.
 
     The trainer shows it each group micro-batch (:meth:`observe`); :meth:`maybe_measure` returns the metrics to log
-    when the step is due (a collective under ZeRO-3: every rank calls it). ``every`` = 0 turns it off.
+    when the step is due (a collective under ZeRO-3: every rank calls it). ``every`` = 0 turns it off. Under group
+    parallelism the trainer shows it the replica's whole groups and it measures them on every rank of the replica
+    with the model's group parallelism switched off (the score needs each group's attention in one place).
     """
 
     def __init__(self, every: int, zero3: bool, objective: Objective | None = None) -> None:
@@ -41,10 +43,15 @@ class SCrossProbe:
         gen = torch.Generator(device=x1.device).manual_seed(0)
         noise = torch.randn(x1.shape, generator=gen, device=x1.device, dtype=x1.dtype)
         x_t, t = self.objective.probe_input(x1, noise)
-        slots = module.draw_slots(x1.shape[0], n, gen) if module.embed_mode == "cond" else None
-        if self.zero3:
-            import deepspeed
+        slots = module.draw_slots(x1.shape[0], n, gen, whole=True) if module.embed_mode == "cond" else None
+        split = module.group_parallel
+        module.set_group_parallel(None)
+        try:
+            if self.zero3:
+                import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(module.parameters())):
-                return cross_attention_score(module, x_t, t, y, n, slots=slots)
-        return cross_attention_score(module, x_t, t, y, n, slots=slots)
+                with deepspeed.zero.GatheredParameters(list(module.parameters())):
+                    return cross_attention_score(module, x_t, t, y, n, slots=slots)
+            return cross_attention_score(module, x_t, t, y, n, slots=slots)
+        finally:
+            module.set_group_parallel(split)

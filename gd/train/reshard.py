@@ -62,6 +62,9 @@ def reshard_problems(saved: Mapping[str, Any], world: int, train_cfg: Mapping[st
     elif stage == 3 or (stage == 1 and precision == "bf16"):
         problems.append(f"train.zero_stage={stage} train.precision={precision} keeps optimizer state in a layout "
                         f"that is only re-partitioned for {SUPPORTED}")
+    if int(train_cfg.get("group_parallel") or 1) > 1:
+        problems.append(f"train.group_parallel={train_cfg['group_parallel']}: the streams of group-parallel replicas "
+                        "are not re-dealt over another number of ranks")
     step = saved["step"]
     old_accum = saved["global_batch"] // (saved["micro_batch"] * saved["world_size"])
     if block is not None and (step * old_accum % block or step * accum % block):

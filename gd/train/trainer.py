@@ -13,6 +13,14 @@ same weight. The objective (``diffusion.objective``: SiT's flow or DiT's DDPM, g
 loss and the time the model is called with. Every random draw of a micro-batch (labels dropped, t, noise,
 sample-embedding slots) comes from generators seeded by (seed, step, rank, micro), and the data streams resume from their saved state, so a resumed
 run repeats the uninterrupted one bit for bit on CPU.
+
+Group parallelism (``train.group_parallel`` P > 1, gd.models.group_parallel): P consecutive ranks share each group,
+each holding N/P of its members. They form one replica: the plan, the batches read and every draw are the
+replica's (seeded by rank // P), made for the replica's whole micro-batch, and each rank computes the model and
+its loss on its rows (gd.diffusion.plan.Shard); a conditional micro-batch is split into P parts of whole images.
+ZeRO reduces over the whole world with no mpu: each rank's per-image mean (or per-group sum times P) makes the P
+ranks' losses add up to P times the replica's, so the world average is the replicas' average gradient. A run with
+P > 1 therefore trains what world/P ranks at P times the micro batch train, up to rounding.
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from gd.diffusion.objectives import build_objective
-from gd.diffusion.plan import BatchPlan, StepPlan
+from gd.diffusion.plan import BatchPlan, Shard, StepPlan
 from gd.io import atomic_write_text
 from gd.secrets import redacted_yaml
 from gd.train import engine as eng
@@ -123,7 +131,8 @@ class Trainer:
         self.cfg = cfg
         self.objective = build_objective(cfg.diffusion, cfg.model)  # diffusion.objective: flow (SiT) | ddpm (DiT)
         self.layout = BatchPlan.from_config(cfg.diffusion, cfg.model).layout(t, world, int(cfg.model.max_group_size))
-        self.plan = BatchPlan.from_config(cfg.diffusion, cfg.model, int(cfg.seed), self.layout.grad_accum)
+        p = self.layout.group_parallel
+        self.plan = BatchPlan.from_config(cfg.diffusion, cfg.model, int(cfg.seed), self.layout.grad_accum, p)
         eng.deepspeed_config(t, self.layout)  # rejects bad stage/precision before any process starts work
         self.run_dir = Path(cfg.run.dir)
         self.steps = int(t.steps)
@@ -134,6 +143,11 @@ class Trainer:
         if self.resume_from is not None and trained != self.objective.name:
             raise CheckpointMismatchError(f"checkpoint {self.resume_from} was trained with diffusion.objective="
                                           f"{trained}, this run has {self.objective.name}; use a new run.dir")
+        trained_p = int(resume_meta.get("group_parallel", 1))
+        if self.resume_from is not None and trained_p != p:  # its queued batches and loader states are per replica
+            raise CheckpointMismatchError(f"checkpoint {self.resume_from} was written with train.group_parallel="
+                                          f"{trained_p}, this run has {p}; resume with train.group_parallel="
+                                          f"{trained_p} or use a new run.dir")
         if self.resume_from is not None and int(resume_meta["world_size"]) != world:
             self._check_world_change(world)
 
@@ -152,6 +166,11 @@ class Trainer:
         kwargs = model_kwargs(cfg.model)
         self.model = build_model(kwargs.pop("name"), **kwargs)
         self.model_config = dict(self.model.config)
+        self.shard = Shard(p, d.rank % p)
+        if p > 1:  # a collective: every rank creates every group-parallel group
+            from gd.models.group_parallel import new_group_parallel
+
+            self.model.set_group_parallel(new_group_parallel(p, str(t.get("group_parallel_impl") or "ulysses")))
         self.engine, self.optimizer = eng.build_engine(self.model, t, self.layout, d.device, fused=fused)
         self.zero3 = int(t.zero_stage) == 3
         self.ema = ShardedEMA(self.engine.module, float(t.ema_decay), zero3=self.zero3,
@@ -193,7 +212,8 @@ class Trainer:
     # ---- the step -----------------------------------------------------------------------------------------------
     def micro_batch(self, step: int, micro: int) -> MicroBatch:
         """Micro-batch ``micro`` of ``step`` on this rank: the next batch of the stream its plan names, its labels as
-        the plan drops them (on the host, before the copy) and the generator of its time, noise and slot draws."""
+        the plan drops them (on the host, before the copy) and the generator of its time, noise and slot draws
+        (under group parallelism the replica's whole batch and generator: :meth:`forward` takes the rank's rows)."""
         d = self.dist
         fetches = self.plan.block_fetches(step, micro)
         if fetches is not None:
@@ -213,13 +233,17 @@ class Trainer:
     def forward(self, mb: MicroBatch) -> torch.Tensor:
         """The loss of one micro-batch at its plan's group size (the objective's; diffusion.loss_reduction)."""
 
+        shard = self.shard
+
         def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, group_size: int) -> torch.Tensor:
             slots = None
             if self.model.embed_mode == "cond":  # drawn after t and noise, from the same seeded generator
-                slots = self.model.draw_slots(x.shape[0], group_size, mb.generator, x.device)
+                slots = self.model.draw_slots(x.shape[0] * shard.parts, group_size, mb.generator, x.device,
+                                              whole=True)
+                slots = shard.take(slots, group_size)
             return self.net(x, t, y, group_size=group_size, slots=slots)
 
-        loss, _ = self.objective.loss(net, mb.x, mb.y, mb.plan.group_size, mb.generator)
+        loss, _ = self.objective.loss(net, mb.x, mb.y, mb.plan.group_size, mb.generator, shard=shard)
         if mb.plan.is_group:
             self.probe.observe(mb.x, mb.y, mb.plan.group_size)
         self._kind = (_GROUP, _GROUP_N) if mb.plan.is_group else (_COND, _COND_N)
@@ -278,7 +302,8 @@ class Trainer:
         """Checkpoint after ``step`` steps (collective; rank 0 may write for minutes while the others wait, so the
         collectives get the start-up timeout meanwhile)."""
         meta = {"skipped_steps": self.guard.skipped_total, "model_signature": model_signature(self.cfg.model),
-                "model_config": self.model_config, "objective": self.objective.name, "time": time.time()}
+                "model_config": self.model_config, "objective": self.objective.name,
+                "group_parallel": self.layout.group_parallel, "time": time.time()}
         with self.timeouts.relaxed():
             self.checkpointer.manager.save(step, self.engine, self.ema, self.data.loaders, meta, self.cfg,
                                            fault_hook=lambda stage: self.callbacks.on_checkpoint_stage(self, step,

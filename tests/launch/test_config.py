@@ -67,11 +67,34 @@ def test_more_gpus_than_groups_in_the_batch() -> None:
 
 def test_groupdiff16_on_four_nodes_says_what_to_change() -> None:
     """Fails before the fix: the refusal of groupdiff16 on 4 nodes x 8 GPUs said only "use at most 16 processes or a
-    larger batch", not which settings give that (nodes, tasks per node) or how large a batch would do."""
+    larger batch", not which settings give that (nodes, tasks per node, group parallelism) or how large a batch
+    would do."""
     msg = _rejection("+cluster=slurm", "+exp=groupdiff16", "cluster.nodes=4")
     assert "32 processes = cluster.nodes=4 x 8 tasks per node" in msg
-    assert "Use at most 16 processes (fewer nodes, or fewer tasks per node)" in msg
+    assert "use at most 16 processes (fewer nodes, or fewer tasks per node)" in msg.lower()
     assert "raise train.global_batch to a multiple of 512" in msg
+
+
+def test_groupdiff16_on_four_nodes_with_two_ranks_per_group() -> None:
+    """The design card's headline run, 4 x 8 GPUs at batch 256 (8 images per rank): refused without group
+    parallelism with the fix named, accepted with train.group_parallel=2. Heads that Ulysses cannot split are
+    refused naming the heads, P and the implementation; all-gather takes them. Sampling checks its own P."""
+    four = ("+cluster=slurm", "+exp=groupdiff16", "cluster.nodes=4", "train.micro_batch=8")
+    msg = _rejection(*four)
+    assert "32 processes but train.global_batch=256 holds only 16 groups" in msg
+    assert "set train.group_parallel=2" in msg
+    cfg = compose_cfg(*four, "train.group_parallel=2")
+    with open_dict(cfg):
+        cfg.launcher.check_data = False
+    assert validate(cfg) == []
+    msg = _rejection(*four, "train.group_parallel=8", "+model.num_heads=12")
+    assert "num_heads=12 is not divisible by group_parallel P=8" in msg and "train.group_parallel_impl" in msg
+    cfg = compose_cfg(*four, "train.group_parallel=8", "+model.num_heads=12", "train.group_parallel_impl=allgather")
+    with open_dict(cfg):
+        cfg.launcher.check_data = False
+    assert validate(cfg) == []
+    msg = _rejection("+cluster=slurm", "+exp=groupdiff16", "task=sample", "sample.group_parallel=3")
+    assert "sample.group_size=16 is not divisible by sample.group_parallel=3" in msg
 
 
 def test_micro_batch_times_world_must_divide_the_batch() -> None:

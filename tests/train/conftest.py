@@ -84,6 +84,15 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     proc.wait(timeout=60)
 
 
+def reference_run(fm_shards: Path, tmp_path_factory, name: str, *extra: str, nproc: int = 2) -> Path:
+    """An uninterrupted tiny run on ``nproc`` processes; its run dir."""
+    run = tmp_path_factory.mktemp(name) / "run"
+    log = run.parent / "log.txt"
+    proc = torchrun(overrides(fm_shards, run, *extra), log, nproc=nproc)
+    assert wait(proc, log) == 0, log.read_text()[-3000:]
+    return run
+
+
 def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
     """Block until ``metrics.jsonl`` has a record for ``step`` (or fail if the job ended first)."""
     deadline = time.time() + timeout

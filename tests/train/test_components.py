@@ -61,6 +61,7 @@ def test_layout_rejects_bad_batches(global_batch, micro, world, n, needle):
 @pytest.mark.parametrize("extra,needle", [
     (["train.global_batch=12", "train.micro_batch=8"], "global_batch=12 is not divisible by train.micro_batch=8"),
     (["train.micro_batch=6", "train.global_batch=12"], "micro_batch=6 images is not divisible by diffusion.group_size=4"),
+    (["train.group_parallel=3"], "diffusion.group_size=4 is not divisible by train.group_parallel=3"),
 ])
 def test_train_fails_before_any_work(tmp_path, extra, needle):
     """A bad batch layout is refused by the config check, before the data (data.root does not even exist: reaching
@@ -86,6 +87,22 @@ def test_refuses_checkpoint_of_another_model(tmp_path):
     (run / "checkpoints" / "latest").write_text("step_00000008\n")
     with pytest.raises(CheckpointMismatchError, match="hidden_size: checkpoint 96 vs config 64"):
         train(compose(*overrides(tmp_path, run)))
+
+
+def test_refuses_checkpoint_of_another_group_parallel_degree(tmp_path):
+    """A checkpoint written with train.group_parallel=2 holds the replica's queued batches and loader states: a
+    resume with another P is refused naming both, before any process group or data."""
+    from gd.train import train
+
+    run = tmp_path / "run"
+    cfg = compose(*overrides(tmp_path, run))
+    ckpt = run / "checkpoints" / "step_00000008"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"step": 8, "world_size": 1, "group_parallel": 2,
+                                                "model_signature": model_signature(cfg.model)}))
+    (run / "checkpoints" / "latest").write_text("step_00000008\n")
+    with pytest.raises(CheckpointMismatchError, match="written with train.group_parallel=2, this run has 1"):
+        train(cfg)
 
 
 # ---- EMA ---------------------------------------------------------------------------------------------------

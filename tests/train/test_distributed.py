@@ -17,7 +17,7 @@ import psutil
 import pytest
 import torch
 
-from tests.train.conftest import clean_streaming_shm, overrides, torchrun, wait
+from tests.train.conftest import clean_streaming_shm, overrides, reference_run, torchrun, wait
 from tests.train.faults import callbacks
 
 pytestmark = pytest.mark.slow
@@ -60,27 +60,19 @@ def assert_loss_falls(run_dir: Path) -> None:
     assert last < 0.85 * first, f"loss did not fall: first steps {first:.4f}, last steps {last:.4f}"
 
 
-def _reference(fm_shards, tmp_path_factory, name: str, *extra: str) -> Path:
-    run = tmp_path_factory.mktemp(name) / "run"
-    log = run.parent / "log.txt"
-    proc = torchrun(overrides(fm_shards, run, *extra), log)
-    assert wait(proc, log) == 0, log.read_text()[-3000:]
-    return run
-
-
 @pytest.fixture(scope="module")
 def zero2_reference(fm_shards, tmp_path_factory) -> Path:
-    return _reference(fm_shards, tmp_path_factory, "z2ref", "train.zero_stage=2")
+    return reference_run(fm_shards, tmp_path_factory, "z2ref", "train.zero_stage=2")
 
 
 @pytest.fixture(scope="module")
 def zero2_bf16_reference(fm_shards, tmp_path_factory) -> Path:
-    return _reference(fm_shards, tmp_path_factory, "z2bf16", "train.zero_stage=2", "train.precision=bf16")
+    return reference_run(fm_shards, tmp_path_factory, "z2bf16", "train.zero_stage=2", "train.precision=bf16")
 
 
 @pytest.fixture(scope="module")
 def zero3_reference(fm_shards, tmp_path_factory) -> Path:
-    return _reference(fm_shards, tmp_path_factory, "z3ref", "train.zero_stage=3")
+    return reference_run(fm_shards, tmp_path_factory, "z3ref", "train.zero_stage=3")
 
 
 def _workers(proc) -> list[psutil.Process]:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from gd.diffusion.ddpm.likelihood import discretized_gaussian_log_likelihood, normal_kl
 from gd.diffusion.ddpm.schedule import GaussianDiffusion
+from gd.diffusion.plan import Shard
 
 EpsModel = Callable[..., Tensor]
 REDUCTIONS = ("mean", "group_sum")
@@ -101,14 +102,17 @@ def hybrid_terms(diffusion: GaussianDiffusion, output: Tensor, x0: Tensor, x_t: 
 
 def group_loss(diffusion: GaussianDiffusion, model: EpsModel, x0: Tensor, y: Tensor, group_size: int, *,
                t: Tensor | None = None, noise: Tensor | None = None, spread: int = 0, keep_anchor: bool = False,
-               generator: torch.Generator | None = None, reduction: str = "mean") -> tuple[Tensor, LossTerms]:
+               generator: torch.Generator | None = None, reduction: str = "mean",
+               shard: Shard | None = None) -> tuple[Tensor, LossTerms]:
     """The DiT objective on a group-major batch x0 (G*N, C, H, W); returns (loss, per-image terms).
 
     ``model(x_t, t_model, y, group_size)`` must return ε (and the variance values when learned: 2C channels;
     pass ``functools.partial(sit, full_output=True)`` for SiT); t_model are the original timestep indices.
     reduction: "mean" over all G*N images (DiT, the released GroupDiff code) or "group_sum" (per-image losses
     summed over each group's N members, then averaged over groups: N times "mean", the paper's L_Group).
-    t (this diffusion's indices) and noise are drawn with `generator` when not given.
+    t (this diffusion's indices) and noise are drawn with `generator` when not given. ``shard`` (group
+    parallelism): x0 and y are the replica's micro-batch, t and the noise are drawn for all of it and the model,
+    the terms and the loss are this rank's rows (gd.diffusion.plan.Shard).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction {reduction!r} is not one of {REDUCTIONS}")
@@ -133,8 +137,8 @@ def group_loss(diffusion: GaussianDiffusion, model: EpsModel, x0: Tensor, y: Ten
     elif noise.shape != x0.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
     x_t = diffusion.q_sample(x0, t, noise)
+    shard = shard or Shard()
+    x0, x_t, t, noise, y = (shard.take(v, group_size) for v in (x0, x_t, t, noise, y))
     output = model(x_t, diffusion.model_timesteps(t), y, group_size)
     terms = hybrid_terms(diffusion, output, x0, x_t, t, noise)
-    if reduction == "mean":
-        return terms.loss.mean(), terms
-    return terms.loss.view(groups, group_size).sum(dim=1).mean(), terms
+    return shard.reduce(terms.loss, group_size, reduction), terms
