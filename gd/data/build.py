@@ -253,7 +253,7 @@ class Builder:
                 raise RuntimeError(f"embed chunk {c} needs read chunk {c}: run stage read first")
             if embedder is None:
                 kw = dict(self.cfg.embedder_kw or {})
-                if self.cfg.embedder in ("clip", "dinov2") and kw.get("device", "auto") == "auto":
+                if self.cfg.embedder in ("clip", "dinov2", "inception") and kw.get("device", "auto") == "auto":
                     kw["device"] = (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
                                     else "cpu")
                 embedder = build_embedder(self.cfg.embedder, num_classes=self.source.num_classes, **kw)
