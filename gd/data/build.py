@@ -292,7 +292,7 @@ class Builder:
                 raise RuntimeError(f"embed chunk {c} needs read chunk {c}: run stage read first")
             if embedder is None:
                 kw = dict(self.cfg.embedder_kw or {})
-                if self.cfg.embedder in ("clip", "dinov2") and kw.get("device", "auto") == "auto":
+                if self.cfg.embedder in ("clip", "dinov2", "inception") and kw.get("device", "auto") == "auto":
                     kw["device"] = str(local_device("auto"))
                 embedder = build_embedder(self.cfg.embedder, num_classes=self.source.num_classes, **kw)
             images = self._images(c)

@@ -249,6 +249,23 @@ def group_stats(count: np.ndarray, sims: np.ndarray, k: int, n_max: int, tau: fl
     }
 
 
+def partner_class_purity(same_class: np.ndarray, count: np.ndarray, group_size: int) -> np.ndarray:
+    """Per anchor, the expected fraction of its N-1 partners that share its class, under the loader's rule
+    (:func:`draw_group`): a uniform draw among the ``count`` passing candidates when at least N-1 pass, else the
+    first N-1 in rank order. ``same_class``: bool (A, K), candidate k has the anchor's class (rank order, passing
+    first)."""
+    need = int(group_size) - 1
+    if need < 1:
+        raise ValueError(f"group_size={group_size}: purity needs groups of at least 2")
+    same = np.asarray(same_class, np.float64)
+    if same.shape[1] < need:
+        raise ValueError(f"{same.shape[1]} candidates per anchor; group_size {group_size} needs {need}")
+    csum = np.concatenate([np.zeros((len(same), 1)), np.cumsum(same, 1)], 1)
+    count = np.asarray(count, np.int64)
+    pool = np.where(count >= need, count, need)
+    return csum[np.arange(len(same)), pool] / pool
+
+
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 

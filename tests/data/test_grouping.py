@@ -111,3 +111,31 @@ def test_model_embedders_fail_fast_without_weights(tmp_path):
         build_embedder("clip", checkpoint=str(tmp_path / "clip.bin"))
     with pytest.raises(FileNotFoundError, match="hubconf.py"):
         build_embedder("dinov2", repo=str(tmp_path))
+
+
+def _purity_by_enumeration(same: np.ndarray, count: int, n: int) -> float:
+    """The loader's partners written out: every (N-1)-subset of the passing candidates, equally likely, when enough
+    pass; else the first N-1 in rank order."""
+    from itertools import combinations
+
+    if count >= n - 1:
+        subsets = list(combinations(range(count), n - 1))
+        return float(np.mean([np.mean([same[i] for i in s]) for s in subsets]))
+    return float(np.mean(same[:n - 1]))
+
+
+def test_partner_class_purity_matches_enumerated_draws():
+    """Catches a purity that averages over all K candidates (not the ones a group can draw), that ignores the
+    fallback to the first N-1 when fewer pass, or that is off by one at count == N-1."""
+    from gd.data.grouping import partner_class_purity
+
+    rng = np.random.default_rng(3)
+    same = rng.random((60, 6)) < 0.5
+    count = rng.integers(0, 7, 60)
+    count[:4] = [0, 2, 3, 6]                                  # below, at and above N-1 = 3
+    for n in (2, 4, 6):
+        got = partner_class_purity(same, count, n)
+        want = [_purity_by_enumeration(same[i].astype(float), int(count[i]), n) for i in range(60)]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="group_size 8 needs 7"):
+        partner_class_purity(same, count, 8)

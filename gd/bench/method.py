@@ -1,0 +1,448 @@
+"""Does group attention help? The paper's Table 1 ablation at a scale that runs here: ``python -m gd.bench.method``.
+
+    python -m gd.bench.method                                   # CPU profile (conf/bench/method.yaml)
+    python -m gd.bench.method --config-name bench/method_gpu    # one GPU (conf/bench/method_gpu.yaml)
+    python -m gd.bench.method 'bench.seeds=[0]' 'bench.configs=[plain,sim4]'   # a subset
+
+For each configuration of ``bench.configs`` (plain SiT; GroupDiff-l with random, class or similarity grouping at
+group size N) and each seed of ``bench.seeds``, one run is trained with ``python -m gd.train`` and scored with
+``python -m gd.evaluate``: the commands a researcher types (printed, and kept in the run folder), not a copy of
+the trainer. Every run sees the same images (steps x batch), the same null-label rate (plain SiT drops 10% of its
+labels per image; GroupDiff-l makes 10% of its micro-batches null-label group micro-batches), the same model,
+optimiser and sampler; a seed fixes the initial weights and the order of the conditional images in every
+configuration, so differences to plain SiT are also reported paired by seed.
+
+Before the runs: the FID reference (gd.demo's Fashion-MNIST test split) and one shard set per grouping of
+``bench.groupings`` (tools/build_shards.py), built once into ``bench.shards_dir`` under a name that hashes its
+settings (embeddings are computed once per setting, however often the benchmark runs); then, for every grouping,
+the neighbour-count histogram, the fallback rate and the class purity of the partners a group gets (how often they
+share the anchor's class), at its own tau and at each tau of ``bench.tau_sweep`` (grouping.json).
+
+Resumable: a run with an eval.json is read back, not redone; a killed run resumes from its checkpoint and its
+finished sample chunks; a run folder made with other settings is refused (delete it or change ``bench.name``).
+Output in ``bench.dir``: results.json (every run and the summary per configuration), table.md, method.png (FID vs
+N, FID vs S_cross), grouping.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from gd.io import atomic_path, atomic_write_text
+
+REPO = Path(__file__).resolve().parents[2]
+DIFFUSIONS = ("plain", "groupdiff_l", "groupdiff_f")
+
+
+# ---- overrides --------------------------------------------------------------------------------------------------
+def override_value(value: Any) -> str:
+    """A value in hydra's override grammar: null, booleans, numbers, quoted strings, [lists], {dicts}."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if text and all(c.isalnum() or c in "_-./:" for c in text) and text not in ("null", "true", "false"):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def flatten(tree: Any, prefix: str = "") -> list[str]:
+    """``{"a": {"b": 1}, "c": [1, 2]}`` -> ``["a.b=1", "c=[1,2]"]``: nested settings as dotted overrides."""
+    tree = OmegaConf.to_container(tree, resolve=True) if isinstance(tree, DictConfig) else tree
+    out = []
+    for key, value in (tree or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out += flatten(value, name + ".")
+        else:
+            out.append(f"{name}={override_value(value)}")
+    return out
+
+
+def settings_key(name: str, overrides: list[str]) -> str:
+    return f"{name}-{hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:10]}"
+
+
+# ---- plan -------------------------------------------------------------------------------------------------------
+def check_bench(cfg: DictConfig) -> None:
+    """Every configuration names a known diffusion and grouping, and its N fits the grouping's shards."""
+    b = cfg.bench
+    problems = []
+    if not b.seeds:
+        problems.append("bench.seeds is empty")
+    if not 0.0 < float(b.null_rate) < 1.0:
+        problems.append(f"bench.null_rate={b.null_rate}: expected a share of null-label images in (0, 1)")
+    for name in b.configs:
+        c = b.variants.get(name)
+        if c is None:
+            problems.append(f"bench.configs names {name!r}, which bench.variants does not define "
+                            f"(known: {sorted(b.variants)})")
+            continue
+        if c.diffusion not in DIFFUSIONS:
+            problems.append(f"bench.variants.{name}.diffusion={c.diffusion!r}: expected one of {DIFFUSIONS}")
+        g = b.groupings.get(c.grouping)
+        if g is None:
+            problems.append(f"bench.variants.{name}.grouping={c.grouping!r}: not in bench.groupings "
+                            f"({sorted(b.groupings)})")
+        elif int(c.group_size) > int(g.get("n_max", 4)):
+            problems.append(f"bench.variants.{name}.group_size={c.group_size} exceeds the n_max={g.get('n_max', 4)} "
+                            f"of grouping {c.grouping!r}")
+        if (c.diffusion == "plain") != (int(c.group_size) == 1):
+            problems.append(f"bench.variants.{name}: plain SiT has group_size 1 and GroupDiff group_size > 1, got "
+                            f"diffusion={c.diffusion} group_size={c.group_size}")
+    if problems:
+        raise ValueError("invalid benchmark config:\n  " + "\n  ".join(problems))
+
+
+def run_overrides(cfg: DictConfig, name: str, seed: int, shards: Path) -> list[str]:
+    """The hydra overrides of one run (training and evaluation share them); ``bench.run`` is added or overridden
+    (``++``), so it may set keys the root config lacks (model.hidden_size, ...)."""
+    b = cfg.bench
+    c = b.variants[name]
+    n = int(c.group_size)
+    rate = float(b.null_rate)
+    # The same share of null-label images: plain SiT drops labels per image, GroupDiff-l nulls whole group
+    # micro-batches (p_group) and never drops a conditional label (released recipe).
+    null = ([f"diffusion.class_dropout={rate}"] if c.diffusion == "plain" else
+            [f"diffusion.p_group={rate}", "diffusion.class_dropout=0.0"])
+    return [f"diffusion={c.diffusion}", *null, *(f"++{o}" for o in flatten(b.run)),
+            f"diffusion.group_size={n}", f"model.max_group_size={n}", f"seed={int(seed)}",
+            f"sample.batch_groups={max(1, int(b.sample_batch) // n)}",
+            f"data.root={shards}", f"run.root={Path(b.dir) / 'runs'}", f"run.name={name}_s{int(seed)}"]
+
+
+# ---- subprocesses -----------------------------------------------------------------------------------------------
+def _python(cfg: DictConfig) -> str:
+    return str(cfg.bench.get("python") or sys.executable)
+
+
+def run_logged(cmd: list[str], log: Path, threads: int) -> float:
+    """Run ``cmd`` from the repository root with its output in ``log``; seconds taken. A failure raises with the
+    log's tail."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "a") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n")
+        fh.flush()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"exit code {proc.returncode}: {' '.join(cmd)}\n(log {log})\n{tail}")
+    return time.perf_counter() - start
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+def build_reference(cfg: DictConfig) -> Path:
+    b = cfg.bench
+    out = Path(b.shards_dir) / f"reference_test_{int(b.ref_images)}.npz"
+    if not out.is_file():
+        from gd.demo import write_reference
+
+        write_reference(out, int(b.ref_images))
+    return out
+
+
+def grouping_overrides(cfg: DictConfig, grouping: str) -> list[str]:
+    b = cfg.bench
+    return [f"limit={int(b.train_images)}", *flatten(b.build), *flatten(b.groupings[grouping]), "progress=false"]
+
+
+def kind(cfg: DictConfig, name: str) -> str:
+    """plain | similarity | the grouping's name (random, class): how a configuration groups its images."""
+    c = cfg.bench.variants[name]
+    if c.diffusion == "plain":
+        return "plain"
+    return "similarity" if c.grouping == cfg.bench.similarity else str(c.grouping)
+
+
+def build_grouping(cfg: DictConfig, grouping: str) -> Path:
+    """The shard set of ``grouping`` (built once per settings); returns its root (data.root)."""
+    b = cfg.bench
+    overrides = grouping_overrides(cfg, grouping)
+    base = Path(b.shards_dir) / settings_key(grouping, overrides)
+    out = base / "shards"
+    if (out / "meta.json").is_file():
+        return out
+    cmd = [_python(cfg), "tools/build_shards.py", f"out={out}", f"work_dir={base / 'work'}", *overrides]
+    print(f"[shards] {grouping}: {' '.join(cmd[1:])}", flush=True)
+    secs = run_logged(cmd, base / "build.log", int(b.threads) * int(b.parallel))
+    print(f"[shards] {grouping}: built in {secs:.0f} s (load {_load()})", flush=True)
+    return out
+
+
+def _work_arrays(work: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and labels of a finished build's work dir, in row order (gd.data.build's chunk files)."""
+    chunks = sorted((work / "embed").glob("chunk-*.emb.npy"))
+    if not chunks:
+        raise FileNotFoundError(f"no embeddings under {work / 'embed'}: the shard build did not finish")
+    emb = np.concatenate([np.load(p) for p in chunks])
+    labels = np.concatenate([np.load(work / "read" / p.name.replace(".emb.", ".labels.")) for p in chunks])
+    return emb, labels
+
+
+def grouping_report(emb: np.ndarray, labels: np.ndarray, k: int, taus: list[float],
+                    group_sizes: list[int]) -> list[dict]:
+    """Per tau: the histogram of how many of the K nearest neighbours pass, the fallback rate and the expected class
+    purity of the partners per group size (gd.data.grouping's retrieval and draw rules)."""
+    from gd.data import grouping
+
+    index = grouping.build_index(emb, "flat", use_gpu=False)
+    nbr, sim = grouping.search_neighbours(index, emb, np.arange(len(emb)), k)
+    rows = []
+    for tau in taus:
+        order_n, order_s, count = grouping.order_candidates(nbr, sim, labels, labels, float(tau), "topk")
+        same = labels[np.maximum(order_n, 0)] == labels[:, None]
+        stats = grouping.group_stats(count, order_s, k, max(group_sizes), float(tau))
+        row = {"tau": float(tau), "neighbour_count_hist": stats["neighbour_count_hist"],
+               "mean_count": stats["mean_count"], "mean_similarity_passing": stats["mean_similarity_passing"]}
+        for n in group_sizes:
+            row[f"fallback_rate_n{n}"] = float((count < n - 1).mean())
+            row[f"class_purity_n{n}"] = float(grouping.partner_class_purity(same, count, n).mean())
+        rows.append(row)
+    return rows
+
+
+# ---- runs -------------------------------------------------------------------------------------------------------
+def _read_metrics(run_dir: Path) -> dict[str, Any]:
+    """From the trainer's metrics.jsonl: the last S_cross, the median img/s, the last step."""
+    s_cross, ips, step = None, [], 0
+    with open(run_dir / "metrics.jsonl") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            step = max(step, int(rec.get("step", 0)))
+            if "s_cross" in rec:
+                s_cross = float(rec["s_cross"])
+            if "img_per_s" in rec:
+                ips.append(float(rec["img_per_s"]))
+    return {"s_cross": s_cross, "img_per_s": float(np.median(ips)) if ips else None, "steps": step}
+
+
+def run_one(cfg: DictConfig, name: str, seed: int, shards: Path, reference: Path) -> dict[str, Any]:
+    """Train and score configuration ``name`` at ``seed`` (skipped when its eval.json exists)."""
+    b = cfg.bench
+    overrides = run_overrides(cfg, name, seed, shards)
+    run_dir = Path(b.dir) / "runs" / f"{name}_s{seed}"
+    stamp = run_dir / "bench_run.json"
+    if stamp.is_file():
+        have = json.loads(stamp.read_text())["overrides"]
+        if have != overrides:
+            changed = sorted(set(have) ^ set(overrides))
+            raise ValueError(f"{run_dir} was made with other settings ({', '.join(changed)}): delete it or set "
+                             "another bench.name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_cmd = [_python(cfg), "-m", "gd.train", *overrides, "train.progress=false"]
+    eval_cmd = [_python(cfg), "-m", "gd.evaluate", *overrides, f"metrics.reference={reference}",
+                f"metrics.reference_max_images={int(b.ref_images)}", f"metrics.out={run_dir / 'eval.json'}",
+                *flatten(b.metrics, "metrics."), "sample.progress=false"]
+    atomic_write_text(stamp, json.dumps({"overrides": overrides, "train": train_cmd, "evaluate": eval_cmd},
+                                        indent=1))
+    timing_path = run_dir / "bench_timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    threads = int(b.threads)
+    if not (run_dir / "eval.json").is_file():
+        if not (run_dir / "ema.pt").is_file():
+            print(f"[run] {name} seed {seed}: {' '.join(train_cmd[1:])}", flush=True)
+            load0 = _load()
+            timing["train_s"] = run_logged(train_cmd, run_dir / "bench_train.log", threads)
+            timing["train_load"] = [load0, _load()]
+            atomic_write_text(timing_path, json.dumps(timing))
+        print(f"[run] {name} seed {seed}: {' '.join(eval_cmd[1:])}", flush=True)
+        load0 = _load()
+        timing["eval_s"] = run_logged(eval_cmd, run_dir / "bench_eval.log", threads)
+        timing["eval_load"] = [load0, _load()]
+        atomic_write_text(timing_path, json.dumps(timing))
+    ev = json.loads((run_dir / "eval.json").read_text())
+    c = b.variants[name]
+    row = {"config": name, "seed": int(seed), "grouping": kind(cfg, name),
+           "group_size": int(c.group_size), "fid": float(ev["fid"]), "fid_label": ev.get("fid_label"),
+           "precision": ev.get("precision"), "recall": ev.get("recall"), "num_images": ev["num_images"],
+           **_read_metrics(run_dir), **timing, "run_dir": str(run_dir)}
+    if int(c.group_size) == 1:
+        row["s_cross"] = None
+    print(f"[run] {name} seed {seed}: FID {row['fid']:.2f}  precision {row['precision']}  recall {row['recall']}"
+          f"  S_cross {row['s_cross']}  ({row.get('train_s', float('nan')):.0f} s train, "
+          f"{row.get('eval_s', float('nan')):.0f} s eval, load {timing.get('train_load')})", flush=True)
+    return row
+
+
+# ---- report -----------------------------------------------------------------------------------------------------
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+
+
+def summarize(cfg: DictConfig, rows: list[dict]) -> list[dict]:
+    """Per configuration: mean and sample sd over seeds of every metric, and FID minus plain SiT's paired by seed."""
+    b = cfg.bench
+    plain = {r["seed"]: r["fid"] for r in rows if r["config"] == b.get("baseline")}
+    out = []
+    for name in b.configs:
+        mine = [r for r in rows if r["config"] == name]
+        if not mine:
+            continue
+        c = b.variants[name]
+        s = {"config": name, "label": str(c.label), "grouping": mine[0]["grouping"], "group_size": int(c.group_size),
+             "seeds": [r["seed"] for r in mine], "fid_per_seed": [r["fid"] for r in mine],
+             "paper_fid": c.get("paper_fid"), "paper_s_cross": c.get("paper_s_cross")}
+        for key in ("fid", "precision", "recall", "s_cross", "img_per_s", "train_s", "eval_s"):
+            s[key], s[f"{key}_sd"] = _mean_sd([r.get(key) for r in mine])
+        diffs = [r["fid"] - plain[r["seed"]] for r in mine if r["seed"] in plain]
+        if name != b.get("baseline") and diffs:
+            s["fid_minus_plain"], s["fid_minus_plain_sd"] = _mean_sd(diffs)
+        out.append(s)
+    return out
+
+
+def _pm(mean: float | None, sd: float | None, digits: int = 1, scale: float = 1.0) -> str:
+    if mean is None:
+        return "—"
+    text = f"{mean * scale:.{digits}f}"
+    return text + (f" ± {sd * scale:.{digits}f}" if sd is not None else "")
+
+
+def markdown_table(summary: list[dict], fid_label: str) -> str:
+    head = ("| configuration | FID ↓ (mean ± sd) | per seed | Δ vs plain, paired | precision | recall | S_cross "
+            "| paper FID (S_cross) | train s/run |\n|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for s in summary:
+        paper = "—" if s["paper_fid"] is None else f"{s['paper_fid']:.2f}"
+        if s.get("paper_s_cross") is not None:
+            paper += f" ({s['paper_s_cross']:.1f}%)"
+        lines.append(
+            f"| {s['label']} | {_pm(s['fid'], s['fid_sd'])} | {', '.join(f'{v:.1f}' for v in s['fid_per_seed'])} "
+            f"| {_pm(s.get('fid_minus_plain'), s.get('fid_minus_plain_sd'))} "
+            f"| {_pm(s['precision'], s['precision_sd'], 3)} | {_pm(s['recall'], s['recall_sd'], 3)} "
+            f"| {_pm(s['s_cross'], s['s_cross_sd'], 1, 100.0)}{'%' if s['s_cross'] is not None else ''} "
+            f"| {paper} | {_pm(s['train_s'], None, 0)} |")
+    return head + "\n".join(lines) + f"\n\nFID: {fid_label}; sd over seeds (ddof 1).\n"
+
+
+def plot(summary: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    sim = sorted((s for s in summary if s["grouping"] == "similarity"), key=lambda s: s["group_size"])
+    if sim:
+        ax1.errorbar([s["group_size"] for s in sim], [s["fid"] for s in sim], yerr=[s["fid_sd"] or 0 for s in sim],
+                     marker="o", capsize=3, label="similarity grouping")
+    markers = {"plain": ("k", "s"), "random": ("tab:red", "v"), "class": ("tab:green", "^")}
+    for s in summary:
+        if s["grouping"] != "similarity":
+            color, marker = markers.get(s["grouping"], ("tab:purple", "D"))
+            ax1.errorbar([s["group_size"]], [s["fid"]], yerr=[s["fid_sd"] or 0], color=color, marker=marker,
+                         capsize=3, linestyle="none", label=s["label"])
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("group size N (1 = plain SiT)")
+    ax1.set_ylabel("FID ↓ (mean ± sd over seeds)")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    for s in summary:
+        if s["s_cross"] is None:
+            continue
+        ax2.errorbar([100 * s["s_cross"]], [s["fid"]], xerr=[100 * (s["s_cross_sd"] or 0)],
+                     yerr=[s["fid_sd"] or 0], marker="o", capsize=3, linestyle="none")
+        ax2.annotate(s["label"], (100 * s["s_cross"], s["fid"]), fontsize=7, xytext=(4, 4),
+                     textcoords="offset points")
+    ax2.set_xlabel("S_cross (%), last probe of training")
+    ax2.set_ylabel("FID ↓")
+    ax2.grid(alpha=0.3)
+    fig.suptitle("GroupDiff-l ablation (paper Table 1) at benchmark scale")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+# ---- the benchmark ----------------------------------------------------------------------------------------------
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Build data, run every (configuration, seed) not yet done, write results.json, table.md and method.png."""
+    check_bench(cfg)
+    b = cfg.bench
+    out = Path(b.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started, load0 = time.perf_counter(), _load()
+    reference = build_reference(cfg)
+    needed = sorted({str(b.variants[n].grouping) for n in b.configs})
+    shards = {g: build_grouping(cfg, g) for g in needed}
+    report = {}
+    for g in needed:
+        meta = json.loads((shards[g] / "meta.json").read_text())
+        emb, labels = _work_arrays(shards[g].parent / "work")
+        taus = sorted({float(meta["tau"]), *(float(t) for t in (b.tau_sweep if g == b.similarity else []))})
+        sizes = sorted({int(b.variants[n].group_size) for n in b.configs if b.variants[n].grouping == g} - {1}) or [4]
+        report[g] = {"embedder": meta["embedder"], "tau": meta["tau"], "k": meta["k"], "n_max": meta["n_max"],
+                     "by_tau": grouping_report(emb, labels, int(meta["k"]), taus, sizes)}
+    atomic_write_text(out / "grouping.json", json.dumps(report, indent=1))
+    for g, rep in report.items():
+        for row in rep["by_tau"]:
+            purity = "  ".join(f"N={k.split('_n')[1]}: {v:.3f}" for k, v in row.items() if k.startswith("class_pur"))
+            print(f"[grouping] {g} tau {row['tau']:+.2f}: mean count {row['mean_count']:.2f} of {rep['k']}, "
+                  f"histogram {row['neighbour_count_hist']}, partner class purity {purity}", flush=True)
+    jobs = [(name, int(seed)) for seed in b.seeds for name in b.configs]  # a partial run has whole seeds first
+    with ThreadPoolExecutor(max_workers=int(b.parallel)) as pool:
+        rows = list(pool.map(lambda job: run_one(cfg, job[0], job[1], shards[str(b.variants[job[0]].grouping)],
+                                                 reference), jobs))
+    summary = summarize(cfg, rows)
+    fid_label = rows[0].get("fid_label") or "FID"
+    table = markdown_table(summary, fid_label)
+    result = {"bench": OmegaConf.to_container(b, resolve=True), "runs": rows, "summary": summary,
+              "grouping": report, "seconds": round(time.perf_counter() - started, 1),
+              "load": [load0, _load()], "cpus": os.cpu_count()}
+    atomic_write_text(out / "results.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "table.md", table)
+    plot(summary, out / "method.png")
+    print("\n" + table, flush=True)
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'method.png'} in {result['seconds']:.0f} s "
+          f"(load {result['load']})", flush=True)
+    return result
+
+
+def compose_method(overrides: list[str], config_name: str = "bench/method") -> DictConfig:
+    """conf/bench/method.yaml (or another profile) with command-line overrides, without running it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def main() -> None:
+    import hydra
+
+    @hydra.main(config_path="../../conf", config_name="bench/method", version_base="1.3")
+    def _main(cfg: DictConfig) -> None:
+        run(cfg)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""gd.bench.method: overrides that hydra reads back, the grouping report against brute force, the per-seed summary,
+config checks, and a tiny benchmark end to end (resumed: finished runs are not redone)."""
+from __future__ import annotations
+
+import json
+import math
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gd.bench import method
+from gd.data.embedders import l2_normalize
+
+
+def test_overrides_read_back_by_hydra_as_the_same_values():
+    """Catches quoting bugs: lists, slashes, null, booleans, floats and strings with spaces or quotes must compose to
+    the values they came from (a wrong one would silently train another model than the table says)."""
+    from gd.train.__main__ import compose_config
+
+    settings = {"model": {"name": "SiT-S/4", "hidden_size": 96, "group_layers": None},
+                "train": {"lr": 1.0e-3, "compile": False, "betas": [0.9, 0.95]},
+                "sample": {"cfg_interval": [0.25, 0.75], "diffusion_form": "SBDM"},
+                "run": {"name": "it's a b=c"}}
+    cfg = compose_config([f"++{o}" for o in method.flatten(settings)])
+    assert cfg.model.name == "SiT-S/4" and cfg.model.hidden_size == 96 and cfg.model.group_layers is None
+    assert cfg.train.lr == 1.0e-3 and cfg.train.compile is False and list(cfg.train.betas) == [0.9, 0.95]
+    assert list(cfg.sample.cfg_interval) == [0.25, 0.75] and cfg.sample.diffusion_form == "SBDM"
+    assert cfg.run.name == "it's a b=c"
+
+
+def _brute_force(emb: np.ndarray, labels: np.ndarray, k: int, tau: float, n: int) -> tuple[list[int], float]:
+    """Neighbour-count histogram and mean partner purity, written out: float64 cosines, sorted by hand, every
+    (N-1)-subset of the passing neighbours equally likely, else the first N-1."""
+    hist, purity = [0] * (k + 1), []
+    x = emb.astype(np.float64)
+    for i in range(len(x)):
+        others = sorted((j for j in range(len(x)) if j != i), key=lambda j: -float(x[i] @ x[j]))[:k]
+        passing = [j for j in others if float(x[i] @ x[j]) >= tau]
+        hist[len(passing)] += 1
+        same = [float(labels[j] == labels[i]) for j in others]
+        if len(passing) >= n - 1:
+            purity.append(np.mean([np.mean([same[j] for j in s]) for s in combinations(range(len(passing)), n - 1)]))
+        else:
+            purity.append(np.mean(same[:n - 1]))
+    return hist, float(np.mean(purity))
+
+
+def test_grouping_report_matches_brute_force():
+    """The tau calibration (histogram, fallback rate, class purity of partners) against a hand-written float64
+    reference on clustered points. Catches purity over the wrong candidates, a histogram counting padding, or a
+    fallback rate measured at the wrong N."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(4), 12)
+    centres = rng.standard_normal((4, 6))
+    emb = l2_normalize(centres[labels] + 0.9 * rng.standard_normal((48, 6)))
+    rows = method.grouping_report(emb, labels, k=5, taus=[0.3, 0.6], group_sizes=[2, 4])
+    for row in rows:
+        for n in (2, 4):
+            hist, purity = _brute_force(emb, labels, 5, row["tau"], n)
+            assert row["neighbour_count_hist"] == hist
+            assert row[f"class_purity_n{n}"] == pytest.approx(purity, abs=1e-9)
+            assert row[f"fallback_rate_n{n}"] == pytest.approx(sum(hist[:n - 1]) / 48)
+    assert rows[0]["class_purity_n4"] > 0.25                  # clusters: better than chance
+
+
+def test_summary_means_sds_and_paired_differences():
+    """FID mean and sample sd over seeds, and the difference to plain SiT paired by seed (not by position).
+    Catches a population sd (ddof 0), pairing by list order, or a baseline diffed against itself."""
+    cfg = method.compose_method(["bench.configs=[plain,sim4]"])
+    rows = [{"config": "plain", "seed": 0, "fid": 10.0}, {"config": "plain", "seed": 1, "fid": 14.0},
+            {"config": "sim4", "seed": 1, "fid": 11.0, "s_cross": 0.2}, {"config": "sim4", "seed": 0, "fid": 8.0,
+                                                                       "s_cross": 0.4}]
+    rows = [{"grouping": method.kind(cfg, r["config"]), **r} for r in rows]
+    summary = {s["config"]: s for s in method.summarize(cfg, rows)}
+    assert summary["plain"]["fid"] == 12.0 and summary["plain"]["fid_sd"] == pytest.approx(math.sqrt(8.0))
+    assert "fid_minus_plain" not in summary["plain"]
+    assert summary["sim4"]["fid_minus_plain"] == pytest.approx(-2.5)            # (8-10 + 11-14) / 2
+    assert summary["sim4"]["fid_minus_plain_sd"] == pytest.approx(math.sqrt(0.5))
+    assert summary["sim4"]["s_cross"] == pytest.approx(0.3) and summary["sim4"]["grouping"] == "similarity"
+    table = method.markdown_table(list(summary.values()), "FID (test)")
+    assert "| similarity, N=4 | 9.5 ± 2.1 |" in table and "30.0 ± 14.1%" in table
+
+
+def test_bad_benchmark_configs_are_refused_naming_the_value():
+    with pytest.raises(ValueError) as err:
+        method.check_bench(method.compose_method(["bench.variants.sim8.group_size=16",
+                                                  "bench.configs=[plain,nope,sim8]"]))
+    assert "'nope'" in str(err.value) and "group_size=16 exceeds the n_max=8" in str(err.value)
+    with pytest.raises(ValueError, match="plain SiT has group_size 1"):
+        method.check_bench(method.compose_method(["bench.variants.plain.group_size=2"]))
+
+
+TINY = ["bench.train_images=200", "bench.ref_images=20", "bench.seeds=[0]", "bench.configs=[plain,random2]",
+        "+bench.variants.random2={label: 'random, N=2', diffusion: groupdiff_l, grouping: random, group_size: 2}",
+        "bench.build.chunk_size=128", "bench.run.model.hidden_size=32", "bench.run.model.depth=2",
+        "bench.run.model.num_heads=2", "bench.run.train.global_batch=16", "bench.run.train.micro_batch=16",
+        "bench.run.train.steps=6", "bench.run.train.log_every=2", "bench.run.train.ckpt_every=3",
+        "bench.run.train.s_cross_every=3", "bench.null_rate=0.5", "bench.run.sample.num_images=20",
+        "bench.run.sample.steps=3", "bench.sample_batch=20", "bench.threads=1"]
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_end_to_end_then_resumed(tmp_path: Path, fashion_mnist_dir: Path) -> None:
+    """The real commands (build_shards, gd.train, gd.evaluate) for plain SiT and GroupDiff-l N=2: a table, a plot and
+    results with a finite FID and an S_cross for the grouped run only; a second call redoes nothing (its logs do not
+    grow); a run folder made with other settings is refused before anything trains."""
+    args = [*TINY, f"bench.dir={tmp_path / 'bench'}", f"bench.shards_dir={tmp_path / 'shards'}"]
+    try:
+        result = method.run(method.compose_method(args))
+        rows = {r["config"]: r for r in result["runs"]}
+        assert math.isfinite(rows["plain"]["fid"]) and rows["plain"]["s_cross"] is None
+        assert rows["random2"]["s_cross"] is not None and rows["random2"]["steps"] == 6
+        for name in ("results.json", "table.md", "method.png", "grouping.json"):
+            assert (tmp_path / "bench" / name).stat().st_size > 0
+        assert "random, N=2" in (tmp_path / "bench" / "table.md").read_text()
+        random = json.loads((tmp_path / "bench" / "grouping.json").read_text())["random"]["by_tau"][0]
+        assert random["class_purity_n2"] < 0.5                  # random partners: ~1 in 10 share the class
+
+        logs = sorted((tmp_path / "bench" / "runs").glob("*/bench_*.log"))
+        sizes = [p.stat().st_size for p in logs]
+        again = method.run(method.compose_method(args))
+        assert [p.stat().st_size for p in logs] == sizes
+        assert [r["fid"] for r in again["runs"]] == [r["fid"] for r in result["runs"]]
+
+        with pytest.raises(ValueError, match="made with other settings"):
+            method.run(method.compose_method([*args, "bench.run.train.steps=8"]))
+    finally:
+        from tests.fixtures.shm import clean_streaming_shm
+
+        clean_streaming_shm(tmp_path)
+
+
+def test_every_configuration_sees_the_same_images_and_null_label_rate():
+    """The composed run configs of plain SiT and each GroupDiff-l variant: equal steps x batch and, counted over
+    2,000 planned micro-batches, the same share of null labels (plain: dropped per image; GroupDiff-l: whole group
+    micro-batches, no conditional label dropped). Catches a benchmark that gives GroupDiff-l 19% null labels (class
+    dropout left on) or more images."""
+    import torch
+
+    from gd.diffusion.plan import BatchPlan
+    from gd.train.__main__ import compose_config
+
+    bench = method.compose_method([])
+    seen, null = {}, {}
+    for name in bench.bench.configs:
+        cfg = compose_config(method.run_overrides(bench, name, 0, Path("/nonexistent")))
+        plan = BatchPlan.from_config(cfg.diffusion, cfg.model, 0, 1)
+        y = torch.zeros(int(cfg.train.micro_batch), dtype=torch.long)
+        nulls = sum(int((plan.labels(step, y, rank=0, micro=0) == cfg.model.num_classes).sum()) for step in range(2000))
+        seen[name] = int(cfg.train.steps) * int(cfg.train.global_batch)
+        null[name] = nulls / (2000 * len(y))
+        if name != "plain":
+            assert cfg.diffusion.class_dropout == 0.0 and cfg.diffusion.group_size == cfg.model.max_group_size
+    assert len(set(seen.values())) == 1
+    assert null["plain"] == pytest.approx(0.1, abs=0.01)
+    for name, rate in null.items():
+        assert rate == pytest.approx(null["plain"], abs=0.01), null
