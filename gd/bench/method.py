@@ -210,7 +210,7 @@ def grouping_report(emb: np.ndarray, labels: np.ndarray, k: int, taus: list[floa
     purity of the partners per group size (gd.data.grouping's retrieval and draw rules)."""
     from gd.data import grouping
 
-    index = grouping.build_index(emb, "flat", use_gpu=False)
+    index = grouping.build_index(emb, grouping.index_plan(len(emb), emb.shape[1], "flat", use_gpu=False))
     nbr, sim = grouping.search_neighbours(index, emb, np.arange(len(emb)), k)
     rows = []
     for tau in taus:
