@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -35,11 +36,13 @@ def test_start_is_idempotent(slurm_cluster: SlurmCluster) -> None:
 def test_two_nodes_each_have_their_own_tmp_and_shm(slurm_two_nodes: SlurmCluster) -> None:
     """What makes the two-node tests mean something: one task per node, and a file one node's task writes into /tmp
     or /dev/shm is not there for the other's (nor for this machine)."""
-    script = ("touch /tmp/gd-node-$SLURM_NODEID /dev/shm/gd-node-$SLURM_NODEID; sleep 2; "
-              "echo $SLURM_NODEID $SLURMD_NODENAME $(ls /tmp /dev/shm | grep -c gd-node)")
+    tag = f"gd-node-{uuid.uuid4().hex[:8]}"  # a node's private /tmp outlives a test session: names of this test only
+    script = (f"touch /tmp/{tag}-$SLURM_NODEID /dev/shm/{tag}-$SLURM_NODEID; sleep 2; "
+              f"echo $SLURM_NODEID $SLURMD_NODENAME $(ls /tmp /dev/shm | grep -c {tag}); "
+              f"rm -f /tmp/{tag}-$SLURM_NODEID /dev/shm/{tag}-$SLURM_NODEID")
     out = subprocess.run(["srun", "-N2", "-n2", "bash", "-c", script], env=slurm_two_nodes.env(),
                          capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
     rows = sorted(line.split() for line in out)
     assert [r[0] for r in rows] == ["0", "1"] and sorted(r[1] for r in rows) == list(slurm_two_nodes.nodes), out
     assert [r[2] for r in rows] == ["2", "2"], f"a node sees the other node's files: {out}"
-    assert not list(Path("/tmp").glob("gd-node-*")) and not list(Path("/dev/shm").glob("gd-node-*"))
+    assert not list(Path("/tmp").glob(f"{tag}-*")) and not list(Path("/dev/shm").glob(f"{tag}-*"))
