@@ -137,7 +137,9 @@ def _python(cfg: DictConfig) -> str:
 def run_logged(cmd: list[str], log: Path, threads: int) -> float:
     """Run ``cmd`` from the repository root with its output in ``log``; seconds taken. A failure raises with the
     log's tail."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore",
+    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}  # every run is its own one-process job
+    env = {**env, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -31,6 +31,7 @@ def _run(cfg, spec: dict, device: torch.device, steps: int = 3) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_compiled_trainer_step_equals_eager_and_adds_no_host_sync():
     """ZeRO-2 (fp32 on this CPU) with group steps of N=4: forward (group loss, slots drawn from the step's
     generator), backward with the step's read-back, GuardedAdamW and the EMA. Catches: compile changing the

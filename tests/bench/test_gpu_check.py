@@ -56,6 +56,7 @@ def _check(tmp_path: Path, *overrides: str, absent: tuple[str, ...] = ABSENT_THE
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_dry_run_reports_every_part(tmp_path):
     """The whole check on the CPU with a tiny model, without the packages the GPU machine lacks. Catches: a part
     that breaks (an import the GPU machine cannot satisfy, a renamed bench function, the caller's process-group
@@ -118,6 +119,7 @@ def test_dry_run_reports_every_part(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_crash_or_a_missing_package_costs_only_its_own_part(tmp_path):
     """A part that raises is recorded as crashed with its error and the next part still runs; without DeepSpeed the
     trainer's rows report the import error and the plain step's rows are still measured. Catches: one child's crash

@@ -15,6 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0 or not shut
                                                   reason="a private /dev/shm needs root and unshare")]
 
 
+@pytest.mark.long
 def test_requeue_after_a_kill_starts_only_after_cleaning(local_shards, tmp_path):
     """Fails before the fix: a rank killed with its helpers (a scancel, the OOM killer) leaves streaming's
     `NNNNNN_locals` registry in /dev/shm. A requeued attempt whose file locks live elsewhere (a per-job TMPDIR, as

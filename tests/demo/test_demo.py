@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_demo_script_end_to_end(tmp_path: Path, fashion_mnist_dir: Path) -> None:
     env = {**os.environ, "GD_DEMO_ROOT": str(tmp_path / "runs"), "GD_DEMO_STEPS": "30",
            "GD_DEMO_TRAIN_IMAGES": "1000", "GD_DEMO_EVAL_IMAGES": "40", "GD_DEMO_REF_IMAGES": "40",

@@ -29,7 +29,7 @@ from tests.fixtures.slurm import SHARED_TMP, SlurmCluster
 from tests.launch.conftest import REPO, final_state, job_logs, metric_steps
 from tests.train.faults import callbacks
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.long]
 
 STEPS = 12
 TWO_NODES = ["+cluster=slurm", "cluster.nodes=2", "cluster.tasks_per_node=1", "cluster.gpus_per_node=0",

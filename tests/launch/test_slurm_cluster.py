@@ -33,6 +33,7 @@ def test_start_is_idempotent(slurm_cluster: SlurmCluster) -> None:
     assert srun.stdout.strip() == "ok"
 
 
+@pytest.mark.long
 def test_two_nodes_each_have_their_own_tmp_and_shm(slurm_two_nodes: SlurmCluster) -> None:
     """What makes the two-node tests mean something: one task per node, and a file one node's task writes into /tmp
     or /dev/shm is not there for the other's (nor for this machine)."""

@@ -136,6 +136,7 @@ def test_sweep_runs_as_one_job_array_with_a_folder_per_member(sweep):
 
 @pytest.mark.slurm
 @pytest.mark.slow
+@pytest.mark.long
 def test_each_member_resumes_on_its_own(sweep, tiny_shards):
     """Catches a relaunched sweep that resubmits finished members (or refuses), and a member that cannot be
     continued alone: relaunching the sweep unchanged submits nothing (both members are trained to train.steps);

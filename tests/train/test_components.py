@@ -484,6 +484,7 @@ def test_weight_decay_only_on_matrices_under_every_engine(stage, precision):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_engine_compile_trains_like_eager():
     """``train.compile=true`` (DeepSpeed's engine.compile(), inductor on this CPU): conditional (N=1) and group
     (N=4) steps alternate, as in GroupDiff-l training, and the losses and weights follow the eager run."""

@@ -65,6 +65,7 @@ def test_p2_follows_the_run_without_group_parallelism(split_run, plain_run):
             assert torch.allclose(mine[key], theirs[key], rtol=0, atol=2e-5), key
 
 
+@pytest.mark.long
 def test_p2_killed_in_a_checkpoint_resumes_bitwise(split_run, fm_shards, tmp_path):
     """Rank 0 SIGKILLed while writing checkpoint 16 under P=2: the resumed run (from checkpoint 8) equals the
     uninterrupted P=2 run bit for bit: losses, weights, EMA. Catches loader states that do not resume under

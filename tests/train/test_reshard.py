@@ -41,6 +41,7 @@ def _assert_same(got: dict, want: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_world_size_change_resumes_the_exact_state(fm_shards, tmp_path):
     """Fails before the fix: a checkpoint of 2 ranks was refused on 1 ("resume with the same world size"), and
     DeepSpeed itself refuses ZeRO partitions written by another world size. Now 2 -> 1 and 1 -> 2 resume with bit
