@@ -8,7 +8,8 @@ has returned (the stop honoured, the checkpoint written), rank 0 deletes ``STOP`
 instead of stopping again after one step.
 
 A config that does not compose (a typo'd key or group) is reported once, by rank 0, without a traceback: every rank
-composes the same config and would otherwise print the same traceback.
+composes the same config and would otherwise print the same traceback. The other ranks exit 0 (rank 0's exit
+fails the job), so that torchrun does not stop rank 0 before it has printed the error.
 """
 from __future__ import annotations
 
@@ -115,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     except (HydraException, OmegaConfBaseException) as err:
         if rank == 0:
             print(f"gd.train: the config does not compose: {err}", file=sys.stderr)
-        return 2
+            return 2
+        # Every rank composes the same config, so rank 0 fails too and fails the job. A failing rank 1 would make
+        # torchrun tear the group down, possibly before rank 0 has said what is wrong.
+        return 0
     if args.cfg is not None:
         if rank == 0:
             from gd.secrets import redacted_yaml
