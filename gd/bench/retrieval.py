@@ -91,10 +91,12 @@ def main() -> None:
         flops = grouping.measure_flops("cpu", cfg.dim)
         print(grouping.retrieval_estimate(plan, cfg.ranks, flops), flush=True)
         t0, c0 = time.perf_counter(), time.process_time()
-        grouping.save_index(grouping.build_index(chunks, plan, seed=cfg.seed), folder / "index.faiss")
+        phases: dict = {}
+        grouping.save_index(grouping.build_index(chunks, plan, seed=cfg.seed, timings=phases), folder / "index.faiss")
         build_s, build_cpu = time.perf_counter() - t0, time.process_time() - c0
-        print(f"built and saved the {plan.kind} index in {build_s:.0f} s ({build_cpu:.0f} CPU s); peak RSS so far "
-              f"{peak_rss_gib():.2f} GiB", flush=True)
+        parts = ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in phases.items())
+        print(f"built and saved the {plan.kind} index in {build_s:.0f} s ({parts}; {build_cpu:.0f} CPU s); peak RSS "
+              f"so far {peak_rss_gib():.2f} GiB", flush=True)
         index = grouping.load_index(folder / "index.faiss", plan.nprobe or None)
         rows = np.sort(np.random.default_rng(cfg.seed + 1).choice(cfg.num, cfg.sample, replace=False))
         queries = grouping._rows_of(chunks, rows)

@@ -97,10 +97,14 @@ def _rows_of(chunks: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def build_index(chunks: Sequence[np.ndarray] | np.ndarray, plan: IndexPlan, seed: int = 0):
+def build_index(chunks: Sequence[np.ndarray] | np.ndarray, plan: IndexPlan, seed: int = 0,
+                timings: dict | None = None):
     """The faiss index of ``plan`` (``flat`` or ``ivf``) over L2-normalised embeddings given as ``chunks`` (a list of
-    (n_i, d) arrays, e.g. memory-mapped per-chunk files, added one at a time: no concatenated copy)."""
+    (n_i, d) arrays, e.g. memory-mapped per-chunk files, added one at a time: no concatenated copy). ``timings``, if
+    given, receives the seconds spent gathering the training sample, training (k-means) and adding."""
     faiss = _faiss()
+    timings = {} if timings is None else timings
+    started = time.perf_counter()
     chunks = [chunks] if isinstance(chunks, np.ndarray) else list(chunks)
     if plan.kind == "flat":
         index = faiss.IndexFlatIP(plan.dim)
@@ -109,13 +113,18 @@ def build_index(chunks: Sequence[np.ndarray] | np.ndarray, plan: IndexPlan, seed
         index.cp.niter = plan.niter
         index.cp.max_points_per_centroid = max(1, plan.train_points // plan.nlist)
         picked = np.sort(np.random.default_rng(seed).choice(plan.num, size=plan.train_points, replace=False))
-        index.train(_rows_of(chunks, picked))
+        sample = _rows_of(chunks, picked)
+        timings["gather_s"] = time.perf_counter() - started
+        index.train(sample)
+        timings["train_s"] = time.perf_counter() - started - timings["gather_s"]
         index.nprobe = plan.nprobe
     else:
         raise ValueError(f"build_index makes faiss indexes (flat, ivf), not {plan.kind!r}")
+    added = time.perf_counter()
     for c in chunks:
         if len(c):
             index.add(np.ascontiguousarray(c, dtype=np.float32))
+    timings["add_s"] = time.perf_counter() - added
     return index
 
 
@@ -168,8 +177,27 @@ class ExactSearch:
 
 
 def measure_flops(device: str = "cpu", dim: int = 768) -> float:
-    """Float32 multiply-add throughput (x 2, FLOP/s) of a search-shaped matmul on ``device``, measured in well under
-    a second: what :func:`retrieval_estimate` divides by."""
+    """Float32 multiply-add throughput (x 2, FLOP/s) of the kernel retrieval will spend its time in, measured in about
+    a second: what :func:`retrieval_estimate` divides by. On a GPU, a search-shaped torch matmul (:class:`ExactSearch`);
+    on the CPU, faiss's own flat search for the nearest of 16,384 vectors, which is what the IVF's k-means and its
+    ``add`` run (faiss's BLAS can be several times slower than torch's on the same CPU, so torch would not do)."""
+    if device == "cpu":
+        try:
+            faiss = _faiss()
+        except ImportError:
+            faiss = None
+        if faiss is not None:
+            rng = np.random.default_rng(0)
+            db = rng.standard_normal((16384, dim), dtype=np.float32)
+            q = rng.standard_normal((1024, dim), dtype=np.float32)
+            index = faiss.IndexFlatIP(dim)
+            index.add(db)
+            index.search(q[:256], 1)  # warm-up (threads, first allocation)
+            started, reps = time.perf_counter(), 0
+            while reps < 2 or time.perf_counter() - started < 0.5:
+                index.search(q, 1)
+                reps += 1
+            return 2.0 * len(q) * len(db) * dim * reps / (time.perf_counter() - started)
     import torch
 
     q, db = torch.randn(256, dim, device=device), torch.randn(dim, 16384, device=device)
