@@ -40,3 +40,52 @@ def test_fake_peak_of_the_ddpm_objective_equals_real_peak():
     assert not row["error"], row["error"]
     tables = 16 * 1000 * 8
     assert row["full"] <= row["small"] <= row["full"] + tables
+
+
+_RSS_SCRIPT = r"""
+import json, torch
+torch.set_num_threads(1)
+from gd.bench.memory import _tracked_peak
+from gd.bench.step_cost import _narrowed
+from gd.bench.train import reference_step
+from gd.diffusion.objectives import build_objective
+from tests.bench.conftest import bench_cfg
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+cfg = _narrowed(bench_cfg("bench.narrow={hidden_size: 384, num_heads: 6}"))
+objective = build_objective(cfg.diffusion, cfg.model)
+with open("/proc/self/clear_refs", "w") as fh:  # resets VmHWM to the current resident size
+    fh.write("5")
+base = status("VmRSS")
+tracked = _tracked_peak(lambda: reference_step(cfg, 4, False, torch.device("cpu"), objective=objective))
+print(json.dumps({"tracked": tracked, "rss_peak": status("VmHWM") - base}))
+"""
+
+
+def test_tracked_peak_agrees_with_the_kernels_resident_memory():
+    """The tracker's peak of a real plain-torch step (AdamW + EMA, ~16M parameters) against what the kernel saw:
+    the growth of the process's resident high-water mark (VmHWM, reset before the step) in a fresh process.
+    Independent of MemTracker, so it catches a tracker that misses a category (gradients, Adam's moments, the
+    EMA: each ~64 MB here) or double counts one; allocator slack and Python objects allow 25% + 64 MiB above."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("/proc/self/clear_refs is not writable: cannot reset the resident high-water mark")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    tracked, rss = got["tracked"], got["rss_peak"]
+    assert tracked > 250 * 2**20, got  # 16M parameters x (weights, gradients, 2 Adam moments, EMA) x 4 bytes
+    assert 0.9 * tracked <= rss <= 1.25 * tracked + 64 * 2**20, got
