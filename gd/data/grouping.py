@@ -179,8 +179,8 @@ class ExactSearch:
 def measure_flops(device: str = "cpu", dim: int = 768) -> float:
     """Float32 multiply-add throughput (x 2, FLOP/s) of the kernel retrieval will spend its time in, measured in about
     a second: what :func:`retrieval_estimate` divides by. On a GPU, a search-shaped torch matmul (:class:`ExactSearch`);
-    on the CPU, faiss's own flat search for the nearest of 16,384 vectors, which is what the IVF's k-means and its
-    ``add`` run (faiss's BLAS can be several times slower than torch's on the same CPU, so torch would not do)."""
+    on the CPU, faiss's own flat search for the nearest of 16,384 vectors: the kernel the IVF's k-means and its
+    ``add`` run (torch's matmul is the fallback when faiss is missing)."""
     if device == "cpu":
         try:
             faiss = _faiss()

@@ -71,7 +71,8 @@ def test_tracked_peak_agrees_with_the_kernels_resident_memory():
     """The tracker's peak of a real plain-torch step (AdamW + EMA, ~16M parameters) against what the kernel saw:
     the growth of the process's resident high-water mark (VmHWM, reset before the step) in a fresh process.
     Independent of MemTracker, so it catches a tracker that misses a category (gradients, Adam's moments, the
-    EMA: each ~64 MB here) or double counts one; allocator slack and Python objects allow 25% + 64 MiB above."""
+    EMA: each ~64 MB here; the resident growth would then exceed 1.4x the tracked peak) or double counts one (below
+    0.9x). Measured here: tracked 378 MiB, resident growth 446 MiB (1.18x: allocator slack, lazily loaded code)."""
     import json
     import os
     import subprocess
@@ -88,4 +89,4 @@ def test_tracked_peak_agrees_with_the_kernels_resident_memory():
     got = json.loads(out.stdout.strip().splitlines()[-1])
     tracked, rss = got["tracked"], got["rss_peak"]
     assert tracked > 250 * 2**20, got  # 16M parameters x (weights, gradients, 2 Adam moments, EMA) x 4 bytes
-    assert 0.9 * tracked <= rss <= 1.25 * tracked + 64 * 2**20, got
+    assert 0.9 * tracked <= rss <= 1.25 * tracked, got
