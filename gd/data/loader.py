@@ -11,10 +11,12 @@ the root never write the same files.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -100,10 +102,44 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return out
 
 
+PREFIX_LOCK = "gd_streaming_prefix.lock"
+
+
+@contextlib.contextmanager
+def registration_lock(take: bool, lock_dir: str | os.PathLike | None = None) -> Iterator[None]:
+    """Hold this node's lock on streaming's shared-memory registry while a dataset registers (``take`` = this
+    process is its job's local leader; the others only look the prefix up, so they must not wait here).
+
+    Streaming picks the first free prefix ``NNNNNN_`` and only then creates ``NNNNNN_locals``: two jobs whose
+    datasets start at once on one node (two runs of the method benchmark, two SLURM jobs sharing a node) pick the
+    same prefix and the second dies with ``FileExistsError: '/NNNNNN_locals'``. The lock makes find-then-create
+    one step across processes; it is an flock, so a killed holder releases it. It lives beside the registry, in
+    /dev/shm, which is node-local even where /tmp is not (a lock shared by several nodes would deadlock a job whose
+    node leaders meet in streaming's barrier)."""
+    if not take:
+        yield
+        return
+    path = Path(lock_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())) / PREFIX_LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's lock file: a read-only descriptor can hold an flock too
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class _EpochAware(StreamingDataset):
-    """Remembers the epoch streaming assigns at the start of each __iter__ (resumed epochs included)."""
+    """Remembers the epoch streaming assigns at the start of each __iter__ (resumed epochs included), and registers
+    in shared memory under the node's registration lock."""
 
     epoch = 0
+
+    def __init__(self, **kwargs: Any) -> None:
+        with registration_lock(World.detect().is_local_leader):
+            super().__init__(**kwargs)
 
     def _resume_incr_epoch(self) -> tuple[int, int]:
         epoch, sample_in_epoch = super()._resume_incr_epoch()

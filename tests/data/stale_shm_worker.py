@@ -4,10 +4,12 @@
 process and python's resource tracker, which would otherwise unlink the shared memory it left), as a killed job
 step ends; "start": read and print "started"; "clean": gd.data.loader.clean_stale_streaming(CACHE) first, then as
 "start"; "list": print the folders each registry in /dev/shm names. Errors are printed, not raised, so the test can
-read them."""
+read them. With GD_TEST_GO set, the worker writes GD_TEST_GO.ready.PID once imported and builds the loaders only
+once GD_TEST_GO exists (many workers then register at once)."""
 import os
 import signal
 import sys
+import time
 
 from gd.data.loader import build_loaders, clean_stale_streaming
 
@@ -24,12 +26,17 @@ def main() -> None:
         return
     if mode == "clean":
         print(f"removed {len(clean_stale_streaming(cache))}", flush=True)
+    go = os.environ.get("GD_TEST_GO")
+    if go:
+        open(f"{go}.ready.{os.getpid()}", "w").close()
+    while go and not os.path.exists(go):
+        time.sleep(0.01)
     cfg = {"root": root, "cache": cache, "shuffle": True, "num_workers": 0, "drop_last": False}
     try:
         loaders = build_loaders(cfg, group_size=2, micro_batch=4, seed=0, rank=0, world_size=1)
         for loader in loaders:
             next(iter(loader))
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", flush=True)
         return
     if mode == "die":

@@ -49,3 +49,27 @@ def test_requeue_after_a_kill_starts_only_after_cleaning(local_shards, tmp_path)
     assert before[-1] == "started", shown
     assert not any(str(cache) in line for line in after if line.startswith("registered")), shown
     assert sum(str(other) in line for line in after if line.startswith("registered")) == 2, shown
+
+
+def _private_shm(script: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``script`` (sh) with a fresh tmpfs on /dev/shm of its own."""
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                           "mount -t tmpfs -o mode=1777 tmpfs /dev/shm\n" + script], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_jobs_starting_at_once_on_one_node_register_under_different_prefixes(local_shards, tmp_path):
+    """Fails before the fix: streaming finds the first free prefix, then creates its `NNNNNN_locals`; two jobs
+    whose loaders start at the same moment on one node (the method benchmark's parallel runs, two SLURM jobs on a
+    shared node) find the same prefix and one dies with `FileExistsError: '/NNNNNN_locals'`. Six workers released
+    together must all start."""
+    root, go = str(local_shards[0]), tmp_path / "go"
+    workers = 6
+    starts = "\n".join(f"GD_TEST_GO={go} {sys.executable} -m tests.data.stale_shm_worker {root} "
+                       f"{tmp_path / f'cache{i}'} start > {tmp_path / f'out{i}'} 2>&1 &" for i in range(workers))
+    ready = f"until [ $(ls {tmp_path} | grep -c '^go.ready') -ge {workers} ]; do sleep 0.1; done"
+    out = _private_shm(f"{starts}\n{ready}\ntouch {go}\nwait")
+    shown = out.stdout + out.stderr[-3000:]
+    results = [(tmp_path / f"out{i}").read_text() for i in range(workers)]
+    assert all(r.strip().splitlines()[-1:] == ["started"] for r in results), "\n---\n".join(results) + shown
