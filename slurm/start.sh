@@ -8,6 +8,8 @@
 # $GD_SLURM_NODE_NAMES, two names that resolve here), each slurmd in its own mount namespace with a private /dev/shm
 # and /tmp, as separate machines have: what one node's job steps leave there, the other's never see. STATE_DIR must
 # then lie outside /tmp and /dev/shm.
+# GD_SLURM_FIRST_JOB_ID (1): the first job id. Two clusters on one machine need disjoint ids: what is derived from
+# a job id (gd's rendezvous port, submitit's %j folders) would otherwise collide between them.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 die() { echo "slurm/start.sh: $*" >&2; exit 1; }
@@ -16,6 +18,7 @@ die() { echo "slurm/start.sh: $*" >&2; exit 1; }
 ctld_port=${GD_SLURM_CTLD_PORT:-6817}
 slurmd_port=${GD_SLURM_SLURMD_PORT:-6818}
 nodes=${GD_SLURM_NODES:-1}
+first_job_id=${GD_SLURM_FIRST_JOB_ID:-1}
 
 # loopback_alias HOST: a name from /etc/hosts, neither localhost nor HOST, for a loopback address (127.*, ::1).
 loopback_alias() {
@@ -24,6 +27,7 @@ loopback_alias() {
 }
 
 [ "$(id -u)" = 0 ] || die "must run as root (slurmd starts job steps as their owner)"
+[[ "$first_job_id" =~ ^[1-9][0-9]{0,6}$ ]] || die "GD_SLURM_FIRST_JOB_ID=$first_job_id: expected 1 to 9999999"
 case "$nodes" in 1|2) ;; *) die "GD_SLURM_NODES=$nodes: expected 1 or 2" ;; esac
 not_node_local() {
   case "$1/" in /tmp/*|/dev/shm/*) die "state dir $1 is under /tmp or /dev/shm, which each of the two nodes replaces" \
@@ -107,10 +111,11 @@ else
   node_lines+="PartitionName=debug Nodes=$(IFS=,; echo "${names[*]}") Default=YES MaxTime=INFINITE State=UP"
   tmp=$(mktemp "$state/slurm.conf.XXXXXX")
   sed -e "s|@STATE@|$state|g" -e "s|@CTLD_PORT@|$ctld_port|g" -e "s|@SLURMD_PORT@|${ports[0]}|g" \
+      -e "s|@FIRST_JOB_ID@|$first_job_id|g" \
       "$here/slurm.conf.in" | awk -v nodes="$node_lines" '$0 == "@NODES@" {print nodes; next} {print}' >"$tmp"
   chmod 0644 "$tmp"  # readable by the users of the cluster once they may enter STATE_DIR (slurm/README.md)
   mv -f "$tmp" "$conf"
-  # -c: start from a clean state (job ids restart at 1, so each run needs a fresh submitit folder).
+  # -c: start from a clean state (job ids restart at FirstJobId, so each run needs a fresh submitit folder).
   slurmctld -c -f "$conf"
   for name in "${names[@]}"; do
     if [ "${#names[@]}" = 1 ]; then
