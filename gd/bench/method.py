@@ -3,6 +3,7 @@
     python -m gd.bench.method                                   # CPU profile (conf/bench/method.yaml)
     python -m gd.bench.method --config-name bench/method_gpu    # one GPU (conf/bench/method_gpu.yaml)
     python -m gd.bench.method 'bench.seeds=[0]' 'bench.configs=[plain,sim4]'   # a subset
+    python -m gd.bench.method bench.report_only=true            # tables from what is scored so far
 
 For each configuration of ``bench.configs`` (plain SiT; GroupDiff-l with random, class or similarity grouping at
 group size N) and each seed of ``bench.seeds``, one run is trained with ``python -m gd.train`` and scored with
@@ -20,6 +21,7 @@ share the anchor's class), at its own tau and at each tau of ``bench.tau_sweep``
 
 Resumable: a run with an eval.json is read back, not redone; a killed run resumes from its checkpoint and its
 finished sample chunks; a run folder made with other settings is refused (delete it or change ``bench.name``).
+``bench.report_only=true`` writes the outputs from the runs already scored, training nothing (a bench cut short).
 Output in ``bench.dir``: results.json (every run and the summary per configuration), table.md, method.png (FID vs
 N, FID vs S_cross), grouping.json.
 """
@@ -385,6 +387,19 @@ def plot(summary: list[dict], out: Path) -> None:
 
 
 # ---- the benchmark ----------------------------------------------------------------------------------------------
+def planned_runs(cfg: DictConfig) -> list[tuple[str, int]]:
+    """The (configuration, seed) runs of this call, whole seeds first (so a partial bench has complete seeds); with
+    ``bench.report_only`` only those already scored, so a table can be written while or after a bench is cut short."""
+    b = cfg.bench
+    jobs = [(name, int(seed)) for seed in b.seeds for name in b.configs]
+    if b.get("report_only"):
+        jobs = [(n, s) for n, s in jobs if (Path(b.dir) / "runs" / f"{n}_s{s}" / "eval.json").is_file()]
+        if not jobs:
+            raise ValueError(f"bench.report_only: no run of {list(b.configs)} x seeds {list(b.seeds)} has been "
+                             f"scored in {Path(b.dir) / 'runs'} (expected <config>_s<seed>/eval.json)")
+    return jobs
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Build data, run every (configuration, seed) not yet done, write results.json, table.md and method.png."""
     check_bench(cfg)
@@ -409,7 +424,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             purity = "  ".join(f"N={k.split('_n')[1]}: {v:.3f}" for k, v in row.items() if k.startswith("class_pur"))
             print(f"[grouping] {g} tau {row['tau']:+.2f}: mean count {row['mean_count']:.2f} of {rep['k']}, "
                   f"histogram {row['neighbour_count_hist']}, partner class purity {purity}", flush=True)
-    jobs = [(name, int(seed)) for seed in b.seeds for name in b.configs]  # a partial run has whole seeds first
+    jobs = planned_runs(cfg)
     with ThreadPoolExecutor(max_workers=int(b.parallel)) as pool:
         rows = list(pool.map(lambda job: run_one(cfg, job[0], job[1], shards[str(b.variants[job[0]].grouping)],
                                                  reference), jobs))
@@ -417,6 +432,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fid_label = rows[0].get("fid_label") or "FID"
     table = markdown_table(summary, fid_label)
     result = {"bench": OmegaConf.to_container(b, resolve=True), "runs": rows, "summary": summary,
+              "report_only": bool(b.get("report_only")),
               "grouping": report, "seconds": round(time.perf_counter() - started, 1),
               "load": [load0, _load()], "cpus": os.cpu_count()}
     atomic_write_text(out / "results.json", json.dumps(result, indent=1))

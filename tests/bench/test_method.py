@@ -83,6 +83,23 @@ def test_summary_means_sds_and_paired_differences():
     assert "| similarity, N=4 | 9.5 ± 2.1 |" in table and "30.0 ± 14.1%" in table
 
 
+def test_report_only_plans_just_the_scored_runs_whole_seeds_first(tmp_path: Path):
+    """Catches a report that retrains what is missing, counts a trained but unscored run, or an order that is not
+    whole seeds first (a cut-short bench would then have no complete seed)."""
+    args = [f"bench.dir={tmp_path}", "bench.configs=[plain,sim4,class4]", "bench.seeds=[0,1]"]
+    assert method.planned_runs(method.compose_method(args)) == [("plain", 0), ("sim4", 0), ("class4", 0),
+                                                                 ("plain", 1), ("sim4", 1), ("class4", 1)]
+    report = method.compose_method([*args, "bench.report_only=true"])
+    with pytest.raises(ValueError, match="no run of .* has been scored"):
+        method.planned_runs(report)
+    for name in ("class4_s0", "plain_s1", "sim4_s1"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "eval.json").write_text("{}")
+    (tmp_path / "runs" / "sim4_s0").mkdir()
+    (tmp_path / "runs" / "sim4_s0" / "ema.pt").write_text("")          # trained, not scored
+    assert method.planned_runs(report) == [("class4", 0), ("plain", 1), ("sim4", 1)]
+
+
 def test_bad_benchmark_configs_are_refused_naming_the_value():
     with pytest.raises(ValueError) as err:
         method.check_bench(method.compose_method(["bench.variants.sim8.group_size=16",
