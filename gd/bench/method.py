@@ -403,6 +403,7 @@ def planned_runs(cfg: DictConfig) -> list[tuple[str, int]]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Build data, run every (configuration, seed) not yet done, write results.json, table.md and method.png."""
     check_bench(cfg)
+    jobs = planned_runs(cfg)  # before any build: a report with nothing scored is refused at once
     b = cfg.bench
     out = Path(b.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -424,7 +425,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             purity = "  ".join(f"N={k.split('_n')[1]}: {v:.3f}" for k, v in row.items() if k.startswith("class_pur"))
             print(f"[grouping] {g} tau {row['tau']:+.2f}: mean count {row['mean_count']:.2f} of {rep['k']}, "
                   f"histogram {row['neighbour_count_hist']}, partner class purity {purity}", flush=True)
-    jobs = planned_runs(cfg)
     with ThreadPoolExecutor(max_workers=int(b.parallel)) as pool:
         rows = list(pool.map(lambda job: run_one(cfg, job[0], job[1], shards[str(b.variants[job[0]].grouping)],
                                                  reference), jobs))
