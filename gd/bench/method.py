@@ -22,6 +22,8 @@ share the anchor's class), at its own tau and at each tau of ``bench.tau_sweep``
 Resumable: a run with an eval.json is read back, not redone; a killed run resumes from its checkpoint and its
 finished sample chunks; a run folder made with other settings is refused (delete it or change ``bench.name``).
 ``bench.report_only=true`` writes the outputs from the runs already scored, training nothing (a bench cut short).
+``bench.previous=[.../results.json]`` counts the runs an earlier bench scored (another machine, a run folder since
+lost) as done, if they were scored with the same settings: a bench can be completed over several sessions.
 Output in ``bench.dir``: results.json (every run and the summary per configuration), table.md, method.png (FID vs
 N, FID vs S_cross), grouping.json.
 """
@@ -387,13 +389,62 @@ def plot(summary: list[dict], out: Path) -> None:
 
 
 # ---- the benchmark ----------------------------------------------------------------------------------------------
+# What decides a run's outcome; the rest of the bench config (seeds, parallelism, folders, labels) does not.
+_OUTCOME_KEYS = ("null_rate", "train_images", "ref_images", "build", "run", "sample_batch")
+
+
+def run_settings(b: Any, name: str) -> dict[str, Any]:
+    """Everything of bench config ``b`` that decides the result of configuration ``name`` (for any seed)."""
+    b = OmegaConf.to_container(b, resolve=True) if isinstance(b, DictConfig) else b
+    v = b["variants"][name]
+    metrics = {k: val for k, val in (b.get("metrics") or {}).items() if k != "cache_dir"}
+    return {"variant": {k: v[k] for k in ("diffusion", "grouping", "group_size")},
+            "grouping": b["groupings"][v["grouping"]], "metrics": metrics, **{k: b.get(k) for k in _OUTCOME_KEYS}}
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [f"{prefix[:-1]}: {b!r} there, {a!r} here"]
+
+
+def previous_rows(cfg: DictConfig) -> dict[tuple[str, int], dict[str, Any]]:
+    """Scored runs taken from the results.json files of ``bench.previous`` (a bench begun on another machine or in a
+    run folder since lost), keyed by (configuration, seed), for the planned runs only. A run scored with settings
+    other than this bench's is refused, naming the file and the settings that differ. A run scored in ``bench.dir``
+    wins over a previous one."""
+    b = cfg.bench
+    wanted = {(str(n), int(s)) for s in b.seeds for n in b.configs}
+    found: dict[tuple[str, int], dict[str, Any]] = {}
+    for path in b.get("previous") or []:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"bench.previous: {path} does not exist (expected an earlier bench's "
+                                    "results.json)")
+        prev = json.loads(path.read_text())
+        for row in prev.get("runs", []):
+            key = (str(row["config"]), int(row["seed"]))
+            scored_here = (Path(b.dir) / "runs" / f"{key[0]}_s{key[1]}" / "eval.json").is_file()
+            if key not in wanted or key in found or scored_here:
+                continue
+            diff = _differences(run_settings(b, key[0]), run_settings(prev["bench"], key[0]))
+            if diff:
+                raise ValueError(f"bench.previous: {path} scored {key[0]} seed {key[1]} with other settings "
+                                 f"({'; '.join(diff)}): drop it from bench.previous or match those settings")
+            found[key] = {**row, "from": str(path)}
+    return found
+
+
 def planned_runs(cfg: DictConfig) -> list[tuple[str, int]]:
     """The (configuration, seed) runs of this call, whole seeds first (so a partial bench has complete seeds); with
-    ``bench.report_only`` only those already scored, so a table can be written while or after a bench is cut short."""
+    ``bench.report_only`` only those already scored here or in ``bench.previous``, so a table can be written while
+    or after a bench is cut short."""
     b = cfg.bench
+    previous = previous_rows(cfg)
     jobs = [(name, int(seed)) for seed in b.seeds for name in b.configs]
     if b.get("report_only"):
-        jobs = [(n, s) for n, s in jobs if (Path(b.dir) / "runs" / f"{n}_s{s}" / "eval.json").is_file()]
+        jobs = [(n, s) for n, s in jobs if (n, s) in previous
+                or (Path(b.dir) / "runs" / f"{n}_s{s}" / "eval.json").is_file()]
         if not jobs:
             raise ValueError(f"bench.report_only: no run of {list(b.configs)} x seeds {list(b.seeds)} has been "
                              f"scored in {Path(b.dir) / 'runs'} (expected <config>_s<seed>/eval.json)")
@@ -425,9 +476,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             purity = "  ".join(f"N={k.split('_n')[1]}: {v:.3f}" for k, v in row.items() if k.startswith("class_pur"))
             print(f"[grouping] {g} tau {row['tau']:+.2f}: mean count {row['mean_count']:.2f} of {rep['k']}, "
                   f"histogram {row['neighbour_count_hist']}, partner class purity {purity}", flush=True)
+    previous = previous_rows(cfg)
     with ThreadPoolExecutor(max_workers=int(b.parallel)) as pool:
-        rows = list(pool.map(lambda job: run_one(cfg, job[0], job[1], shards[str(b.variants[job[0]].grouping)],
-                                                 reference), jobs))
+        done = pool.map(lambda job: run_one(cfg, job[0], job[1], shards[str(b.variants[job[0]].grouping)],
+                                            reference), [j for j in jobs if j not in previous])
+        mine = {(r["config"], r["seed"]): r for r in done}
+    rows = [mine[j] if j in mine else previous[j] for j in jobs]
     summary = summarize(cfg, rows)
     fid_label = rows[0].get("fid_label") or "FID"
     table = markdown_table(summary, fid_label)

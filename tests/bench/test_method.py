@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from gd.bench import method
 from gd.data.embedders import l2_normalize
@@ -98,6 +99,31 @@ def test_report_only_plans_just_the_scored_runs_whole_seeds_first(tmp_path: Path
     (tmp_path / "runs" / "sim4_s0").mkdir()
     (tmp_path / "runs" / "sim4_s0" / "ema.pt").write_text("")          # trained, not scored
     assert method.planned_runs(report) == [("class4", 0), ("plain", 1), ("sim4", 1)]
+
+
+def test_previous_results_count_as_scored_only_with_the_same_settings(tmp_path: Path):
+    """Catches a bench that retrains runs an earlier results.json already scored, that takes a run scored with other
+    settings (another model width) into its table, or that prefers an old result to one scored in its own folder."""
+    args = [f"bench.dir={tmp_path / 'now'}", "bench.configs=[plain,sim4]", "bench.seeds=[0,1]"]
+    earlier = method.compose_method([f"bench.dir={tmp_path / 'then'}", "bench.configs=[plain,sim4,class4]",
+                                     "bench.seeds=[0]", "bench.parallel=2"])
+    rows = [{"config": n, "seed": 0, "fid": f, "run_dir": f"then/{n}_s0"}
+            for n, f in (("plain", 120.0), ("sim4", 125.0), ("class4", 127.0))]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"bench": OmegaConf.to_container(earlier.bench, resolve=True), "runs": rows}))
+    cfg = method.compose_method([*args, f"bench.previous=[{results}]"])
+    assert {k: r["fid"] for k, r in method.previous_rows(cfg).items()} == {("plain", 0): 120.0, ("sim4", 0): 125.0}
+    report = method.compose_method([*args, f"bench.previous=[{results}]", "bench.report_only=true"])
+    assert method.planned_runs(report) == [("plain", 0), ("sim4", 0)]
+    (tmp_path / "now" / "runs" / "sim4_s0").mkdir(parents=True)
+    (tmp_path / "now" / "runs" / "sim4_s0" / "eval.json").write_text("{}")
+    assert list(method.previous_rows(cfg)) == [("plain", 0)]
+    wider = method.compose_method([*args, f"bench.previous=[{results}]", "bench.run.model.hidden_size=256"])
+    with pytest.raises(ValueError, match=r"scored plain seed 0 with other settings \(run.model.hidden_size: 128 "
+                                         r"there, 256 here\)"):
+        method.previous_rows(wider)
+    with pytest.raises(FileNotFoundError, match="nope.json does not exist"):
+        method.previous_rows(method.compose_method([*args, f"bench.previous=[{tmp_path / 'nope.json'}]"]))
 
 
 def test_bad_benchmark_configs_are_refused_naming_the_value():
