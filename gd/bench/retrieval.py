@@ -91,7 +91,8 @@ def main() -> None:
         plan = grouping.index_plan(cfg.num, cfg.dim, cfg.kind, nlist=cfg.nlist, nprobe=cfg.nprobe, use_gpu=False,
                                    train_per_list=cfg.train_per_list, niter=cfg.niter)
         flops = grouping.measure_flops("cpu", cfg.dim)
-        print(grouping.retrieval_estimate(plan, cfg.ranks, flops), flush=True)
+        scan = grouping.measure_scan_rate(cfg.dim) if plan.kind == "ivf" else None
+        print(grouping.retrieval_estimate(plan, cfg.ranks, flops, scan), flush=True)
         t0, c0 = time.perf_counter(), time.process_time()
         phases: dict = {}
         grouping.save_index(grouping.build_index(chunks, plan, seed=cfg.seed, timings=phases), folder / "index.faiss")

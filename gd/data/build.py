@@ -128,9 +128,13 @@ class Builder:
                   "once the embeddings' width is known", flush=True)
             return
         plan = self.index_plan(len(self.source), dim)
-        flops = grouping.measure_flops(self._search_device(plan), dim)
         print(f"build: {len(self.source):,} images over {self.cfg.world} rank(s); "
-              f"{grouping.retrieval_estimate(plan, self.cfg.world, flops)}", flush=True)
+              f"{self._estimate(plan, dim)}", flush=True)
+
+    def _estimate(self, plan: grouping.IndexPlan, dim: int) -> str:
+        flops = grouping.measure_flops(self._search_device(plan), dim)
+        scan = grouping.measure_scan_rate(dim) if plan.kind == "ivf" else None
+        return grouping.retrieval_estimate(plan, self.cfg.world, flops, scan)
 
     # ---- bookkeeping -------------------------------------------------------------------------------------------
     def _fingerprint(self, stage: str) -> dict:
@@ -331,10 +335,10 @@ class Builder:
         num = int(offsets[-1])
         if num < self.cfg.n_max:
             raise ValueError(f"only {num} readable images; n_max={self.cfg.n_max} needs at least that many")
-        plan = self.index_plan(num, next(e.shape[1] for e in embs if len(e)))
+        dim = next(e.shape[1] for e in embs if len(e))
+        plan = self.index_plan(num, dim)
         if self.cfg.rank == 0:
-            print(grouping.retrieval_estimate(plan, self.cfg.world, grouping.measure_flops(self._search_device(plan))),
-                  flush=True)
+            print(self._estimate(plan, dim), flush=True)
         index = self._index(plan, embs, builds)
         for c in self._bar("retrieve", todo):
             rows = np.arange(offsets[c], offsets[c + 1])

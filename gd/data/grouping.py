@@ -61,6 +61,21 @@ class IndexPlan:
         scanned = min(1.0, self.nprobe / self.nlist) * m
         return build, 2.0 * queries * (self.nlist + scanned) * d
 
+    def scan_bytes(self, queries: int) -> float:
+        """Bytes an IVF search of ``queries`` queries streams from memory: each reads the ``nprobe`` lists it scans,
+        one dot product per stored vector (bound by memory bandwidth, not by matrix-multiply FLOPs)."""
+        if self.kind != "ivf":
+            return 0.0
+        return 4.0 * queries * min(1.0, self.nprobe / self.nlist) * self.num * self.dim
+
+    def seconds(self, queries: int, flops: float, scan_rate: float | None = None) -> tuple[float, float]:
+        """(building, searching ``queries`` queries) in seconds at ``flops`` FLOP/s; an IVF search's list scans at
+        ``scan_rate`` bytes/s (:func:`measure_scan_rate`), its coarse assignment at ``flops``."""
+        build, search = self.flops(queries)
+        if self.kind == "ivf" and scan_rate:
+            return build / flops, 2.0 * queries * self.nlist * self.dim / flops + self.scan_bytes(queries) / scan_rate
+        return build / flops, search / flops
+
 
 def index_plan(num: int, dim: int, kind: str = "auto", *, ivf_threshold: int = 200_000, nlist: int | None = None,
                nprobe: int = 32, use_gpu: bool | str = "auto", train_per_list: int = 64, niter: int = 10,
@@ -209,10 +224,32 @@ def measure_flops(device: str = "cpu", dim: int = 768) -> float:
     return 2.0 * 256 * dim * 16384 * reps / (time.perf_counter() - started)
 
 
-def retrieval_estimate(plan: IndexPlan, ranks: int, flops: float) -> str:
-    """What retrieval will cost (time at ``flops`` per process, memory), printed before it starts."""
+def measure_scan_rate(dim: int = 768) -> float:
+    """Bytes/s at which this process scans stored vectors one dot product each (an IVF list scan), measured in about
+    a second: faiss's flat search of 16 queries (below its BLAS threshold, so the same kernel and the same threads
+    as an IVF search) over 120 MB, more than a CPU cache holds."""
+    rng = np.random.default_rng(0)
+    db = rng.standard_normal((max(1, (120 << 20) // (4 * dim)), dim), dtype=np.float32)
+    q = rng.standard_normal((16, dim), dtype=np.float32)
+    try:
+        index = _faiss().IndexFlatIP(dim)
+        index.add(db)
+        scan = lambda: index.search(q, 1)  # noqa: E731
+    except ImportError:
+        scan = lambda: db @ q.T  # noqa: E731
+    scan()
+    started, reps = time.perf_counter(), 0
+    while reps < 2 or time.perf_counter() - started < 0.5:
+        scan()
+        reps += 1
+    return len(q) * db.nbytes * reps / (time.perf_counter() - started)
+
+
+def retrieval_estimate(plan: IndexPlan, ranks: int, flops: float, scan_rate: float | None = None) -> str:
+    """What retrieval will cost (time at ``flops`` and, for IVF, ``scan_rate`` per process; memory), printed before
+    it starts."""
     per_rank = -(-plan.num // max(1, ranks))
-    build, search = plan.flops(per_rank)
+    build, search = plan.seconds(per_rank, flops, scan_rate)
     gib = plan.index_bytes / 2**30
     if plan.kind == "exact-gpu":
         where = f"all {plan.num:,} x {plan.dim} embeddings on each rank's GPU ({gib:.1f} GiB of GPU memory)"
@@ -222,9 +259,10 @@ def retrieval_estimate(plan: IndexPlan, ranks: int, flops: float) -> str:
         where = (f"one faiss {plan.kind} index of {plan.num:,} x {plan.dim} ({gib:.1f} GiB) built by rank 0{train}, "
                  "memory-mapped by every rank (one copy per node in the page cache)")
     lists = f", nlist {plan.nlist}, nprobe {plan.nprobe}" if plan.kind == "ivf" else ""
-    return (f"retrieve: {plan.kind}{lists}: {where}; building ~{build / flops / 60:.1f} min, then each of {ranks} "
-            f"rank(s) searches ~{per_rank:,} queries in ~{search / flops / 60:.1f} min "
-            f"(at {flops / 1e9:.0f} GFLOP/s measured here)")
+    rate = f" and list scans at {scan_rate / 1e9:.1f} GB/s" if plan.kind == "ivf" and scan_rate else ""
+    return (f"retrieve: {plan.kind}{lists}: {where}; building ~{build / 60:.1f} min, then each of {ranks} "
+            f"rank(s) searches ~{per_rank:,} queries in ~{search / 60:.1f} min "
+            f"(at {flops / 1e9:.0f} GFLOP/s{rate} measured here)")
 
 
 def search_neighbours(index, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

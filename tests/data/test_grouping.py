@@ -4,7 +4,8 @@ import pytest
 
 from gd.data.embedders import build_embedder, l2_normalize
 from gd.data.grouping import (ExactSearch, build_index, draw_group, group_stats, hash_uniform, index_plan,
-                             load_index, order_candidates, retrieval_estimate, save_index, search_neighbours)
+                             load_index, measure_scan_rate, order_candidates, retrieval_estimate, save_index,
+                             search_neighbours)
 
 
 def _reference_knn(x: np.ndarray, k: int):
@@ -55,6 +56,20 @@ def test_index_plan_picks_exact_ivf_or_gpu_and_estimates_the_cost():
     assert exact.flops(m) == (0.0, 2.0 * m * m * d)
     text = retrieval_estimate(ivf, 32, 1e11)
     assert "ivf, nlist 4527, nprobe 32" in text and "(3.7 GiB)" in text and "~40,037 queries" in text
+    # An IVF search reads each scanned list from memory: 4 bytes x d per stored vector of its nprobe lists.
+    assert ivf.scan_bytes(1000) == pytest.approx(4.0 * 1000 * 32 / 4527 * m * d)
+    assert exact.scan_bytes(1000) == 0.0
+    build_s, search_s = ivf.seconds(1000, 1e11, 1e10)
+    assert build_s == pytest.approx(build / 1e11)
+    assert search_s == pytest.approx(2.0 * 1000 * 4527 * d / 1e11 + 4.0 * 1000 * 32 / 4527 * m * d / 1e10)
+    assert ivf.seconds(1000, 1e11) == pytest.approx((build / 1e11, search / 1e11))
+    text = retrieval_estimate(ivf, 32, 1e11, 1e10)
+    assert "list scans at 10.0 GB/s" in text and f"in ~{ivf.seconds(40037, 1e11, 1e10)[1] / 60:.1f} min" in text
+
+
+def test_scan_rate_is_measured_as_bytes_per_second_of_this_machine():
+    rate = measure_scan_rate(64)
+    assert 1e8 < rate < 1e13  # 0.1 GB/s to 10 TB/s: bytes, not FLOPs or vectors
 
 
 def test_tau_filter_and_class_fallback_order():
