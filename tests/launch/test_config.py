@@ -39,7 +39,7 @@ def test_demo_is_tiny_cpu_groupdiff_l() -> None:
     cfg = compose_cfg("+cluster=local", "+exp=demo")
     assert (cfg.model.name, cfg.model.in_channels, cfg.model.num_classes) == ("SiT-S/4", 1, 10)
     assert (cfg.model.hidden_size, cfg.model.depth, cfg.model.num_heads) == (128, 4, 4)
-    assert (cfg.diffusion.mode, cfg.diffusion.group_size) == ("l", 4)
+    assert (cfg.diffusion.mode, cfg.diffusion.group_size, cfg.diffusion.p_group) == ("l", 2, 0.1)
     assert cfg.train.precision == "fp32" and cfg.train.steps <= 1000
     assert (cfg.train.global_batch, cfg.train.micro_batch) == (64, 64)
     assert cfg.sample.cfg_scale > 1.0
@@ -110,7 +110,7 @@ def test_engine_settings_are_checked_before_submission() -> None:
 
 def test_group_larger_than_the_model_allows() -> None:
     msg = _rejection("+cluster=local", "+exp=demo", "diffusion.group_size=8")
-    assert "exceeds model.max_group_size=4" in msg
+    assert "exceeds model.max_group_size=2" in msg
 
 
 @pytest.mark.parametrize("key", ["AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "WANDB_API_KEY", "HF_TOKEN",
@@ -221,7 +221,7 @@ def _demo_on_one_rank(tmp_path: Path) -> list[str]:
 
 def test_a_world_size_change_the_checkpoint_cannot_take_is_refused_at_launch(tmp_path: Path) -> None:
     """Fails before the fix: relaunching a 2-process run on 1 process was refused only by the job, after the queue
-    wait. Step 6 of 2 ranks (1 micro-batch per step) is inside a 4-micro-batch block of the demo's batch plan."""
+    wait. Step 6 of 2 ranks (1 micro-batch per step) is inside a 10-micro-batch block of the demo's batch plan."""
     _checkpoint(tmp_path / "demo", 6, 2)
     msg = _rejection(*_demo_on_one_rank(tmp_path))
     assert "resumes" in msg and "step_00000006: checkpoint at step 6 was written by 2 processes, this run has 1" in msg
@@ -229,12 +229,12 @@ def test_a_world_size_change_the_checkpoint_cannot_take_is_refused_at_launch(tmp
 
 
 def test_a_world_size_change_the_checkpoint_can_take_is_announced(tmp_path: Path) -> None:
-    _checkpoint(tmp_path / "demo", 8, 2)
+    _checkpoint(tmp_path / "demo", 10, 2)
     cfg = compose_cfg(*_demo_on_one_rank(tmp_path))
     with open_dict(cfg):
         cfg.launcher.check_data = False
     warnings = validate(cfg)
     assert any("re-split over 1 ranks (optimizer state exact)" in w for w in warnings), warnings
-    _checkpoint(tmp_path / "z3" / "demo", 8, 2, zero_stage=3)
+    _checkpoint(tmp_path / "z3" / "demo", 10, 2, zero_stage=3)
     msg = _rejection(*_demo_on_one_rank(tmp_path / "z3"), "train.zero_stage=3")
     assert "train.zero_stage=3 train.precision=fp32 keeps optimizer state in a layout" in msg

@@ -26,7 +26,7 @@ import torch
 
 from gd.launch.job import rendezvous_port
 from tests.fixtures.slurm import SHARED_TMP, SlurmCluster
-from tests.launch.conftest import REPO, final_state, job_logs, metric_steps
+from tests.launch.conftest import DEMO_MECHANICS, REPO, final_state, job_logs, metric_steps
 from tests.train.faults import callbacks
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.long]
@@ -49,6 +49,7 @@ def shared(tiny_shards: Path) -> Iterator[Path]:
 def tiny(root: Path, name: str, *extra: str) -> list[str]:
     """The demo shrunk for CPU tests (8 micro-batches per step and rank), in run `name` under `root`."""
     return [*TWO_NODES, "+exp=demo", f"run.root={root}/runs", f"run.name={name}", f"data.root={root}/shards",
+            *DEMO_MECHANICS,
             "model.input_size=16", "train.global_batch=64", "train.micro_batch=4", f"train.steps={STEPS}",
             "train.log_every=1", "train.ckpt_every=1000", "train.progress=false", *extra]
 

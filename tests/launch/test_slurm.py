@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.fixtures.slurm import SlurmCluster
-from tests.launch.conftest import REPO, final_state, job_logs, metric_steps, run_launch
+from tests.launch.conftest import DEMO_MECHANICS, REPO, final_state, job_logs, metric_steps, run_launch
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -31,6 +31,7 @@ LOCAL_CPU = ["+cluster=local", "cluster.tasks_per_node=2", "cluster.cpus_per_tas
 def tiny(shards: Path, root: Path, *extra: str) -> list[str]:
     """The demo experiment shrunk for CPU tests; 8 micro-steps per step keep a step long enough to signal."""
     return ["+exp=demo", f"run.root={root}", f"data.root={shards}", f"data.cache={root}/cache",
+            *DEMO_MECHANICS,
             "model.input_size=16", "train.global_batch=64", "train.micro_batch=4", f"train.steps={STEPS}",
             "train.log_every=1", "train.ckpt_every=1000", *extra]
 

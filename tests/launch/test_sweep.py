@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.slurm import SlurmCluster
-from tests.launch.conftest import REPO, run_launch
+from tests.launch.conftest import DEMO_MECHANICS, REPO, run_launch
 
 SLURM_CPU = ["+cluster=slurm", "cluster.gpus_per_node=0", "cluster.tasks_per_node=1", "cluster.cpus_per_task=1",
              "cluster.timeout_min=60"]
@@ -22,6 +22,7 @@ STEPS = 4
 def tiny(shards: Path, root: Path, *extra: str) -> list[str]:
     """The demo experiment shrunk to a few CPU seconds per member: 16x16, one micro-batch of 8, 4 steps."""
     return ["+exp=demo", f"run.root={root}", f"data.root={shards}", f"data.cache={root}/cache",
+            *DEMO_MECHANICS,
             "model.input_size=16", "train.global_batch=8", "train.micro_batch=8", f"train.steps={STEPS}",
             "train.log_every=1", "train.ckpt_every=2", *extra]
 
