@@ -435,12 +435,13 @@ def previous_rows(cfg: DictConfig) -> dict[tuple[str, int], dict[str, Any]]:
     return found
 
 
-def planned_runs(cfg: DictConfig) -> list[tuple[str, int]]:
+def planned_runs(cfg: DictConfig, previous: dict[tuple[str, int], dict[str, Any]] | None = None
+                 ) -> list[tuple[str, int]]:
     """The (configuration, seed) runs of this call, whole seeds first (so a partial bench has complete seeds); with
-    ``bench.report_only`` only those already scored here or in ``bench.previous``, so a table can be written while
-    or after a bench is cut short."""
+    ``bench.report_only`` only those already scored here or in ``bench.previous`` (``previous``: its rows, read
+    once by the caller), so a table can be written while or after a bench is cut short."""
     b = cfg.bench
-    previous = previous_rows(cfg)
+    previous = previous_rows(cfg) if previous is None else previous
     jobs = [(name, int(seed)) for seed in b.seeds for name in b.configs]
     if b.get("report_only"):
         jobs = [(n, s) for n, s in jobs if (n, s) in previous
@@ -454,7 +455,8 @@ def planned_runs(cfg: DictConfig) -> list[tuple[str, int]]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Build data, run every (configuration, seed) not yet done, write results.json, table.md and method.png."""
     check_bench(cfg)
-    jobs = planned_runs(cfg)  # before any build: a report with nothing scored is refused at once
+    previous = previous_rows(cfg)
+    jobs = planned_runs(cfg, previous)  # before any build: a report with nothing scored is refused at once
     b = cfg.bench
     out = Path(b.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -476,7 +478,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             purity = "  ".join(f"N={k.split('_n')[1]}: {v:.3f}" for k, v in row.items() if k.startswith("class_pur"))
             print(f"[grouping] {g} tau {row['tau']:+.2f}: mean count {row['mean_count']:.2f} of {rep['k']}, "
                   f"histogram {row['neighbour_count_hist']}, partner class purity {purity}", flush=True)
-    previous = previous_rows(cfg)
     with ThreadPoolExecutor(max_workers=int(b.parallel)) as pool:
         done = pool.map(lambda job: run_one(cfg, job[0], job[1], shards[str(b.variants[job[0]].grouping)],
                                             reference), [j for j in jobs if j not in previous])
