@@ -107,6 +107,11 @@ def fid_helper_path() -> Path:
     return path
 
 
+# Images per forward on a CPU: channels-last batches of 16 stay in cache and ran 1.6x faster than NCHW batches of 64
+# (2-core AMD Zen 5: 16.7 vs 10.0 img/s at 299 px); a GPU takes metrics.batch_size as given.
+CPU_BATCH = 16
+
+
 def tf_bilinear_resize(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
     """TF1 ``resize_bilinear`` (align_corners=False, no half-pixel centres) as done inside NVIDIA's Inception
     port: sample at output pixel i the input location i * in/out, i.e. a grid shifted by half an input pixel
@@ -165,7 +170,8 @@ class InceptionExtractor(torch.nn.Module):
         elif x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
             raise ValueError(f"clean mode expects images resized to {INPUT_SIZE}x{INPUT_SIZE} by clean-fid's "
                              f"resizer, got {tuple(x.shape[-2:])}")
-        return self.trunk((x - 128.0) / 128.0).reshape(x.shape[0], 2048)
+        x = ((x - 128.0) / 128.0).contiguous(memory_format=torch.channels_last)
+        return self.trunk(x).reshape(x.shape[0], 2048)
 
     @torch.no_grad()
     def logits(self, feats: torch.Tensor | np.ndarray) -> np.ndarray | None:
@@ -177,13 +183,16 @@ class InceptionExtractor(torch.nn.Module):
         return (f @ self.logits_weight.T).cpu().numpy()
 
     def images_features(self, images: np.ndarray, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """Features (float32 N×2048) of uint8 N×H×W×C images (C = 1 or 3), with clean-fid's resize for the mode."""
+        """Features (float32 N×2048) of uint8 N×H×W×C images (C = 1 or 3), with clean-fid's resize for the mode;
+        ``batch_size`` images per forward, at most ``CPU_BATCH`` on a CPU."""
         images = as_rgb_uint8(images)
         if self.mode == "clean":
             from cleanfid.resize import build_resizer
 
             resize = build_resizer("clean")
         out = []
+        if self.device.type == "cpu":
+            batch_size = min(int(batch_size), CPU_BATCH)
         starts = range(0, len(images), batch_size)
         if progress:
             from tqdm import tqdm
