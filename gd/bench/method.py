@@ -24,6 +24,8 @@ finished sample chunks; a run folder made with other settings is refused (delete
 ``bench.report_only=true`` writes the outputs from the runs already scored, training nothing (a bench cut short).
 ``bench.previous=[.../results.json]`` counts the runs an earlier bench scored (another machine, a run folder since
 lost) as done, if they were scored with the same settings: a bench can be completed over several sessions.
+``bench.checkpoints_from=<another bench.dir>`` trains nothing: it scores that bench's checkpoints with this
+bench's sampler and metrics (a CFG scale, a step count), refusing a run trained with other settings.
 Output in ``bench.dir``: results.json (every run and the summary per configuration), table.md, method.png (FID vs
 N, FID vs S_cross), grouping.json.
 """
@@ -185,12 +187,17 @@ def kind(cfg: DictConfig, name: str) -> str:
     return "similarity" if c.grouping == cfg.bench.similarity else str(c.grouping)
 
 
+def grouping_root(cfg: DictConfig, grouping: str) -> Path:
+    """Where the shard set of ``grouping`` is (or will be) built: its runs' data.root."""
+    return Path(cfg.bench.shards_dir) / settings_key(grouping, grouping_overrides(cfg, grouping)) / "shards"
+
+
 def build_grouping(cfg: DictConfig, grouping: str) -> Path:
     """The shard set of ``grouping`` (built once per settings); returns its root (data.root)."""
     b = cfg.bench
     overrides = grouping_overrides(cfg, grouping)
-    base = Path(b.shards_dir) / settings_key(grouping, overrides)
-    out = base / "shards"
+    out = grouping_root(cfg, grouping)
+    base = out.parent
     if (out / "meta.json").is_file():
         return out
     cmd = [_python(cfg), "tools/build_shards.py", f"out={out}", f"work_dir={base / 'work'}", *overrides]
@@ -247,11 +254,43 @@ def _read_metrics(run_dir: Path) -> dict[str, Any]:
     return {"s_cross": s_cross, "img_per_s": float(np.median(ips)) if ips else None, "steps": step}
 
 
+_SCORING_ONLY = ("sample.", "++sample.", "metrics.", "++metrics.", "run.root=")
+
+
+def training_overrides(overrides: list[str]) -> list[str]:
+    """The overrides of a run that decide its checkpoint: all but the sampler's, the metrics' and the run folder."""
+    return [o for o in overrides if not o.startswith(_SCORING_ONLY)]
+
+
+def trained_elsewhere(cfg: DictConfig, name: str, seed: int, overrides: list[str]) -> Path | None:
+    """With ``bench.checkpoints_from`` (another bench's dir): that bench's run folder of (``name``, ``seed``), whose
+    ema.pt this bench scores instead of training, so sampler settings (CFG scale, steps) are compared on the very
+    same weights. Refused, naming the folder and the settings, when it is missing, unfinished or trained otherwise."""
+    source = cfg.bench.get("checkpoints_from")
+    if not source:
+        return None
+    src = Path(source) / "runs" / f"{name}_s{seed}"
+    stamp, ema = src / "bench_run.json", src / "ema.pt"
+    if not (stamp.is_file() and ema.is_file()):
+        raise FileNotFoundError(f"bench.checkpoints_from={source}: {name} seed {seed} has no trained run there "
+                                f"(expected {stamp} and {ema}); run that bench first or drop {name}/seed {seed}")
+    have = training_overrides(json.loads(stamp.read_text())["overrides"])
+    want = training_overrides(overrides)
+    if have != want:
+        changed = sorted(set(have) ^ set(want))
+        raise ValueError(f"bench.checkpoints_from={source}: {src} was trained with other settings "
+                         f"({', '.join(changed)}); only sample.* and metrics.* may differ")
+    return src
+
+
 def run_one(cfg: DictConfig, name: str, seed: int, shards: Path, reference: Path) -> dict[str, Any]:
-    """Train and score configuration ``name`` at ``seed`` (skipped when its eval.json exists)."""
+    """Train and score configuration ``name`` at ``seed`` (skipped when its eval.json exists); with
+    ``bench.checkpoints_from`` score that bench's checkpoint instead of training."""
     b = cfg.bench
     overrides = run_overrides(cfg, name, seed, shards)
     run_dir = Path(b.dir) / "runs" / f"{name}_s{seed}"
+    source = trained_elsewhere(cfg, name, seed, overrides)
+    train_dir = source or run_dir
     stamp = run_dir / "bench_run.json"
     if stamp.is_file():
         have = json.loads(stamp.read_text())["overrides"]
@@ -261,7 +300,8 @@ def run_one(cfg: DictConfig, name: str, seed: int, shards: Path, reference: Path
                              "another bench.name")
     run_dir.mkdir(parents=True, exist_ok=True)
     train_cmd = [_python(cfg), "-m", "gd.train", *overrides, "train.progress=false"]
-    eval_cmd = [_python(cfg), "-m", "gd.evaluate", *overrides, f"metrics.reference={reference}",
+    eval_cmd = [_python(cfg), "-m", "gd.evaluate", *overrides, f"ckpt={train_dir / 'ema.pt'}",
+                f"metrics.reference={reference}",
                 f"metrics.reference_max_images={int(b.ref_images)}", f"metrics.out={run_dir / 'eval.json'}",
                 *flatten(b.metrics, "metrics."), "sample.progress=false"]
     atomic_write_text(stamp, json.dumps({"overrides": overrides, "train": train_cmd, "evaluate": eval_cmd},
@@ -270,7 +310,7 @@ def run_one(cfg: DictConfig, name: str, seed: int, shards: Path, reference: Path
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     threads = int(b.threads)
     if not (run_dir / "eval.json").is_file():
-        if not (run_dir / "ema.pt").is_file():
+        if not (train_dir / "ema.pt").is_file():
             print(f"[run] {name} seed {seed}: {' '.join(train_cmd[1:])}", flush=True)
             load0 = _load()
             timing["train_s"] = run_logged(train_cmd, run_dir / "bench_train.log", threads)
@@ -286,7 +326,9 @@ def run_one(cfg: DictConfig, name: str, seed: int, shards: Path, reference: Path
     row = {"config": name, "seed": int(seed), "grouping": kind(cfg, name),
            "group_size": int(c.group_size), "fid": float(ev["fid"]), "fid_label": ev.get("fid_label"),
            "precision": ev.get("precision"), "recall": ev.get("recall"), "num_images": ev["num_images"],
-           **_read_metrics(run_dir), **timing, "run_dir": str(run_dir)}
+           **_read_metrics(train_dir), **timing, "run_dir": str(run_dir)}
+    if source is not None:
+        row["trained_in"] = str(source)
     if int(c.group_size) == 1:
         row["s_cross"] = None
     print(f"[run] {name} seed {seed}: FID {row['fid']:.2f}  precision {row['precision']}  recall {row['recall']}"
@@ -458,6 +500,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     previous = previous_rows(cfg)
     jobs = planned_runs(cfg, previous)  # before any build: a report with nothing scored is refused at once
     b = cfg.bench
+    for name, seed in jobs:             # and a checkpoint to score that is missing or trained otherwise
+        if (name, seed) not in previous:
+            root = grouping_root(cfg, str(b.variants[name].grouping))
+            trained_elsewhere(cfg, name, seed, run_overrides(cfg, name, seed, root))
     out = Path(b.dir)
     out.mkdir(parents=True, exist_ok=True)
     started, load0 = time.perf_counter(), _load()

@@ -148,7 +148,9 @@ TINY = ["bench.train_images=200", "bench.ref_images=20", "bench.seeds=[0]", "ben
 def test_tiny_benchmark_end_to_end_then_resumed(tmp_path: Path, fashion_mnist_dir: Path) -> None:
     """The real commands (build_shards, gd.train, gd.evaluate) for plain SiT and GroupDiff-l N=2: a table, a plot and
     results with a finite FID and an S_cross for the grouped run only; a second call redoes nothing (its logs do not
-    grow); a run folder made with other settings is refused before anything trains."""
+    grow); a run folder made with other settings is refused before anything trains. A bench with
+    ``bench.checkpoints_from`` scores the first bench's very checkpoints (same sha256) at another CFG scale, trains
+    nothing, and refuses a source trained otherwise or missing."""
     args = [*TINY, f"bench.dir={tmp_path / 'bench'}", f"bench.shards_dir={tmp_path / 'shards'}"]
     try:
         result = method.run(method.compose_method(args))
@@ -169,6 +171,22 @@ def test_tiny_benchmark_end_to_end_then_resumed(tmp_path: Path, fashion_mnist_di
 
         with pytest.raises(ValueError, match="made with other settings"):
             method.run(method.compose_method([*args, "bench.run.train.steps=8"]))
+
+        cfg1 = [*TINY, f"bench.dir={tmp_path / 'cfg1'}", f"bench.shards_dir={tmp_path / 'shards'}",
+                f"bench.checkpoints_from={tmp_path / 'bench'}", "bench.run.sample.cfg_scale=1.0"]
+        rescored = {r["config"]: r for r in method.run(method.compose_method(cfg1))["runs"]}
+        for name, row in rows.items():
+            ev = json.loads((tmp_path / "cfg1" / "runs" / f"{name}_s0" / "eval.json").read_text())
+            source = tmp_path / "bench" / "runs" / f"{name}_s0" / "ema.pt"
+            assert Path(ev["ckpt"]).resolve() == source.resolve()
+            assert ev["ckpt_sha256"] == json.loads(Path(row["run_dir"], "eval.json").read_text())["ckpt_sha256"]
+            assert rescored[name]["trained_in"] == str(source.parent) and "train_s" not in rescored[name]
+            assert rescored[name]["s_cross"] == row["s_cross"]
+        assert not list((tmp_path / "cfg1" / "runs").glob("*/bench_train.log"))
+        with pytest.raises(ValueError, match=r"trained with other settings \(.*train.lr"):
+            method.run(method.compose_method([*cfg1, f"bench.dir={tmp_path / 'lr'}", "bench.run.train.lr=0.01"]))
+        with pytest.raises(FileNotFoundError, match="sim4 seed 0 has no trained run"):
+            method.run(method.compose_method([*cfg1, "bench.configs=[plain,sim4]"]))
     finally:
         from tests.fixtures.shm import clean_streaming_shm
 
