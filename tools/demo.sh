@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GroupDiff pipeline on this machine — no GPU, no cluster — on Fashion-MNIST (Debian's
 # dataset-fashion-mnist): grouped shards → DeepSpeed training of a tiny group-attention SiT → group sampling →
-# FID → samples.png, loss.png, metrics.json in runs/demo/. About 10 minutes on 2 cores.
+# FID → samples.png, loss.png, metrics.json in runs/demo/. 8-10 minutes on 2 cores, install included.
 # Knobs (environment): GD_DEMO_ROOT (runs), GD_DEMO_STEPS, GD_DEMO_TRAIN_IMAGES, GD_DEMO_EVAL_IMAGES,
 # GD_DEMO_REF_IMAGES, GD_DEMO_SAMPLE_STEPS, GD_DEMO_BASELINE: 1 also trains and scores plain SiT at the same
 # budget, 0 never, auto (default) only when the time so far leaves room for it within GD_DEMO_BUDGET_S (600).
