@@ -83,11 +83,31 @@ def init_distributed(timeout_s: float = 1800.0) -> Dist:
     if not dist.is_initialized():
         import deepspeed
 
+        if backend == "gloo":
+            _private_extension_cache()
         timeout = datetime.timedelta(seconds=timeout_s)
         if alone:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def _private_extension_cache() -> None:
+    """DeepSpeed JIT-builds its CPU communication op (gloo runs) into TORCH_EXTENSIONS_DIR, by default one folder
+    shared by every environment of the user: two environments with different torch builds rebuild it for each other
+    and wait on each other's build lock. Unless it is set, each environment (sys.prefix) gets its own folder; the
+    first build there is announced, since it takes 1-2 minutes without a word from DeepSpeed."""
+    import hashlib
+    import sys
+    from pathlib import Path
+
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        env = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path.home() / ".cache" / "torch_extensions" / f"env-{env}")
+    folder = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not any(folder.glob("*/deepspeed_shm_comm/*.so")):
+        print(f"gd.train: building DeepSpeed's CPU communication op for this environment, once (1-2 min), into "
+              f"{folder}", file=sys.stderr, flush=True)
 
 
 def all_process_groups() -> list[Any]:
