@@ -112,13 +112,16 @@ def check_model_config(config: Any, source: str = "checkpoint") -> None:
         raise CheckpointError(f"{source}: model config refused before building anything:\n  " + "\n  ".join(problems))
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """torch.load with weights_only=True and only argparse.Namespace allow-listed (official train.py args)."""
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True and only argparse.Namespace allow-listed (official train.py args);
+    ``mmap``: tensors map the file (zip format) instead of being read, so every process on a node shares one copy."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            if mmap and _is_zip(path):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
@@ -150,6 +153,14 @@ def unpack_checkpoint(obj: Any, source: str = "checkpoint") -> tuple[dict[str, T
     if not isinstance(state, dict) or not state:
         raise CheckpointError(f"{source}: no state dict found (top-level keys: {sorted(map(str, obj))[:10]}); "
                               f"{_LAYOUTS}")
+    return normalise_state(state, source, entry), config, entry
+
+
+def normalise_state(state: Any, source: str, entry: str) -> dict[str, Tensor]:
+    """One entry of a checkpoint as a state dict in this model's key names: tensors only, wrapper prefixes
+    (``module.``, ``_orig_mod.``, ``denoiser.``) stripped, the released sample embedding renamed."""
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{source}: entry {entry!r} holds no state dict; {_LAYOUTS}")
     bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if bad:
         raise CheckpointError(
@@ -159,8 +170,12 @@ def unpack_checkpoint(obj: Any, source: str = "checkpoint") -> tuple[dict[str, T
     for prefix in _PREFIXES:
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
-    state = {_RENAMES.get(k, k): v for k, v in state.items()}
-    return state, config, entry
+    return {_RENAMES.get(k, k): v for k, v in state.items()}
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def _mismatch_report(model: SiT, state: dict[str, Tensor]) -> list[str]:

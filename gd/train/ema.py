@@ -155,6 +155,18 @@ class ShardedEMA:
             torch._foreach_copy_(self._dst, self._sources())
 
     @torch.no_grad()
+    def load_masters(self, state: Mapping[str, Tensor]) -> None:
+        """Write this rank's elements of a full state dict into the fp32 master weights this EMA reads (a pretrained
+        start at full precision under DeepSpeed bf16, whose masters were made from the bf16 copy). An fp32 module
+        is its own master and was loaded before the engine wrapped it: nothing to do."""
+        if self.source == "module" or not self._dst:
+            return
+        views = self._resolve_sources()
+        values = [state[self.params[i][0]].reshape(-1)[start:start + length].to(v.device, v.dtype)
+                  for (i, start, length, _), v in zip(self.segments[self.rank], views)]
+        torch._foreach_copy_(views, values)
+
+    @torch.no_grad()
     def update(self) -> None:
         """One EMA step from the current master weights; call after each applied optimizer step."""
         if self._dst:

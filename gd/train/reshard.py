@@ -108,17 +108,50 @@ def load_optimizer_resharded(engine: Any, engine_dir: Path, old_world: int) -> N
             continue
         lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
         for key, target in targets.items():
-            # The parameter's slices in old-rank order are the parameter itself, flattened.
-            full = torch.cat([src.narrow(0, slices[r][name].start, slices[r][name].numel)
-                              for r, src in enumerate(sources[key]) if name in slices[r]])
-            if full.numel() != p.numel():
-                raise RuntimeError(f"{engine_dir}: the saved partitions hold {full.numel()} elements of {name}, "
-                                   f"which has {p.numel()}")
+            full = _gathered(slices, sources[key], name, p.numel(), engine_dir)
             target.narrow(0, hp.start, hp.numel).copy_(full.narrow(0, lp.start, lp.numel))
     state = old[0]["base_optimizer_state"]["state"][0]
     opt.optimizer.state[flat] = {"step": state["step"].clone(), "exp_avg": targets["exp_avg"],
                                  "exp_avg_sq": targets["exp_avg_sq"]}
     opt.update_lp_params()
+
+
+def _gathered(slices: list[Mapping[str, Any]], flats: list[torch.Tensor], name: str, numel: int,
+              engine_dir: Path) -> torch.Tensor:
+    """Parameter ``name`` flattened: its slices of the saved partitions in old-rank order."""
+    full = torch.cat([flat.narrow(0, slices[r][name].start, slices[r][name].numel)
+                      for r, flat in enumerate(flats) if name in slices[r]])
+    if full.numel() != numel:
+        raise RuntimeError(f"{engine_dir}: the saved partitions hold {full.numel()} elements of {name}, which has "
+                           f"{numel}")
+    return full
+
+
+@torch.no_grad()
+def master_weights(engine_dir: Path, saved: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a checkpoint's engine folder as a full state dict (what ``train.init_from`` of a
+    step checkpoint seeds the network with); ValueError where the partition layout is not one read here."""
+    from gd.train.checkpoint import _deepspeed_globals, load_weights_only
+
+    stage, precision, world = int(saved["zero_stage"]), str(saved["precision"]), int(saved["world_size"])
+    if stage == 3 or (stage == 1 and precision == "bf16"):
+        raise ValueError(f"its train.zero_stage={stage} train.precision={precision} master weights are partitioned "
+                         f"in a layout read only for {SUPPORTED}")
+    module = load_weights_only(engine_dir / "mp_rank_00_model_states.pt", _deepspeed_globals(), map_location="cpu",
+                               mmap=True)["module"]
+    if stage == 0:
+        return {k: v.float() for k, v in module.items()}
+    old = [load_weights_only(engine_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", _deepspeed_globals(),
+                             map_location="cpu", mmap=True)["optimizer_state_dict"] for r in range(world)]
+    slices = [o["param_slice_mappings"][0] for o in old]
+    flats = [o["single_partition_of_fp32_groups"][0] for o in old]
+    out = {}
+    for name, value in module.items():
+        if any(name in s for s in slices):
+            out[name] = _gathered(slices, flats, name, value.numel(), engine_dir).view(value.shape).clone()
+        else:  # buffers (pos_embed): the module's own
+            out[name] = value.float()
+    return out
 
 
 def merged_rank_state(path: Path, old_world: int, rank: int) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from gd.train.checkpoint import CheckpointMismatchError, Checkpointer, export_em
 from gd.train.data import StreamingData
 from gd.train.ema import ShardedEMA
 from gd.train.guard import NonFiniteError, NonFiniteGuard
+from gd.train.init_from import Pretrained, check_init_cfg, describe, load_weights, read_pretrained
 from gd.train.metrics import MetricsLogger, StepLog, Throughput
 from gd.train.nodes import Nodes
 from gd.train.probes import SCrossProbe
@@ -150,6 +151,9 @@ class Trainer:
                                           f"{trained_p} or use a new run.dir")
         if self.resume_from is not None and int(resume_meta["world_size"]) != world:
             self._check_world_change(world)
+        # train.init_from: read and fitted on the CPU before any process group or device memory exists
+        self.init = self._pretrained(t, resume, rank)
+        self.init_summary = self.init.summary() if self.init is not None else resume_meta.get("init_from")
 
         self.timeouts = eng.CollectiveTimeouts(float(t.get("init_timeout_s", 1800)),
                                                float(t.get("step_timeout_s", 600)))
@@ -166,6 +170,8 @@ class Trainer:
         kwargs = model_kwargs(cfg.model)
         self.model = build_model(kwargs.pop("name"), **kwargs)
         self.model_config = dict(self.model.config)
+        if self.init is not None:
+            load_weights(self.model, self.init)
         self.shard = Shard(p, d.rank % p)
         if p > 1:  # a collective: every rank creates every group-parallel group
             from gd.models.group_parallel import new_group_parallel
@@ -175,6 +181,9 @@ class Trainer:
         self.zero3 = int(t.zero_stage) == 3
         self.ema = ShardedEMA(self.engine.module, float(t.ema_decay), zero3=self.zero3,
                               optimizer=self.engine.optimizer)
+        if self.init is not None:
+            self._seed_from_pretrained(self.init)
+            self.init = None  # the file's tensors are not needed again
         self.data = data if data is not None else StreamingData(
             cfg.data, self.layout, self.plan.train_group_size, int(cfg.seed), d.rank, d.world_size, self.nodes)
         self.guard = NonFiniteGuard(self.optimizer, int(t.max_nonfinite), int(resume_meta.get("skipped_steps", 0)),
@@ -185,6 +194,33 @@ class Trainer:
         self.net = self.objective.network(self.engine)  # the engine as the objective's loss calls it
         self._acc = torch.zeros(7, dtype=torch.float64, device=d.device)
         self._reduced = [0.0] * 7
+
+    def _pretrained(self, t: Any, resume: bool, rank: int) -> Pretrained | None:
+        """The ``train.init_from`` file fitted to this run's model, or None: no file, a benchmark, or a run that
+        has a checkpoint of its own (which it resumes, saying that init_from is ignored)."""
+        check_init_cfg(t)
+        path = t.get("init_from")
+        if not path or not resume:
+            return None
+        if self.resume_from is not None:
+            if rank == 0:
+                log.warning("resuming from %s, this run's own checkpoint: train.init_from=%s is ignored",
+                            self.resume_from, path)
+            return None
+        return read_pretrained(path, model_kwargs(self.cfg.model), self.objective.name,
+                               init_weights=str(t.get("init_weights", "model")),
+                               init_ema=str(t.get("init_ema", "file")), init_time=str(t.get("init_time", "auto")))
+
+    def _seed_from_pretrained(self, init: Pretrained) -> None:
+        """After the engine exists: the fp32 masters from the file (a bf16 engine made them from its bf16 copy), then
+        the EMA from the file's EMA (or the weights)."""
+        self.ema.load_masters(init.weights)
+        if init.ema is not None:  # the EMA averages parameters; buffers (pos_embed) stay the model's
+            self.ema.load_full_state({k: v for k, v in init.ema.items() if k in self.ema.shapes})
+        else:
+            self.ema.copy_from_model()
+        if self.dist.is_main:
+            log.warning("%s", describe(init))
 
     def _check_world_change(self, world: int) -> None:
         """A checkpoint written by another number of ranks: refused unless gd.train.reshard can carry it over."""
@@ -303,7 +339,7 @@ class Trainer:
         collectives get the start-up timeout meanwhile)."""
         meta = {"skipped_steps": self.guard.skipped_total, "model_signature": model_signature(self.cfg.model),
                 "model_config": self.model_config, "objective": self.objective.name,
-                "group_parallel": self.layout.group_parallel, "time": time.time()}
+                "group_parallel": self.layout.group_parallel, "init_from": self.init_summary, "time": time.time()}
         with self.timeouts.relaxed():
             self.checkpointer.manager.save(step, self.engine, self.ema, self.data.loaders, meta, self.cfg,
                                            fault_hook=lambda stage: self.callbacks.on_checkpoint_stage(self, step,
