@@ -36,7 +36,7 @@ from gd.secrets import redact_argv, redacted_yaml
 # What a checkpoint is tied to: relaunching a run name with another value here is refused (keys that exist in
 # only one of the two configs are ignored, so configs may grow new options between launches).
 IDENTITY = ("seed", "model", "diffusion", "data.root", "train.zero_stage", "train.precision", "train.global_batch",
-            "train.lr", "train.weight_decay", "train.betas", "train.grad_clip", "train.ema_decay")
+            "train.lr", "train.weight_decay", "train.betas", "train.grad_clip", "train.ema_decay", "train.init_from")
 # A task that exits non-zero (an exception, a kill) ends the whole step at once instead of leaving the other ranks
 # blocked in their next collective; which failures requeue is in slurm/README.md ("Failures and requeueing").
 SRUN_ARGS = ("--kill-on-bad-exit=1",)
@@ -436,6 +436,8 @@ def _absolute_paths(cfg: DictConfig) -> None:
         cfg.run.root = os.path.abspath(cfg.run.root)
         if not is_url(cfg.data.root):
             cfg.data.root = os.path.abspath(cfg.data.root)
+        if OmegaConf.select(cfg, "train.init_from"):
+            cfg.train.init_from = os.path.abspath(str(cfg.train.init_from))
 
 
 def _check_not_running(cfg: DictConfig, run_dir: Path) -> None:

@@ -56,6 +56,8 @@ def validate(cfg: DictConfig) -> list[str]:
         problems += _check_batch(cfg)
         if not problems:
             problems += _check_resume(cfg, warnings)
+        if not problems:
+            problems += _check_init_from(cfg, warnings)
         if cfg.launcher.check_data:
             problems += _check_data(cfg)
     elif not problems:
@@ -165,6 +167,31 @@ def _check_resume(cfg: DictConfig, warnings: list[str]) -> list[str]:
         return [f"run {cfg.run.name} resumes {ckpt}: {describe(saved, world, problems)} ({ranks})"]
     if saved["world_size"] != world:
         warnings.append(f"run {cfg.run.name} resumes {ckpt}: {describe(saved, world, [])}")
+    return []
+
+
+def _check_init_from(cfg: DictConfig, warnings: list[str]) -> list[str]:
+    """train.init_from: the file exists, passes the trust rule and fits the model's shapes (read memory-mapped, on
+    the CPU), unless the run has a checkpoint of its own, which it resumes instead."""
+    path = OmegaConf.select(cfg, "train.init_from")
+    if not path:
+        return []
+    if (Path(str(cfg.run.dir)) / "checkpoints" / "latest").is_file():
+        warnings.append(f"run {cfg.run.name} has a checkpoint of its own and resumes it: train.init_from={path} is "
+                        "ignored")
+        return []
+    from gd.diffusion.objectives import build_objective
+    from gd.models.checkpoints import CheckpointError
+    from gd.train.init_from import read_pretrained
+    from gd.train.trainer import model_kwargs
+
+    t = cfg.train
+    try:
+        read_pretrained(path, model_kwargs(cfg.model), build_objective(cfg.diffusion, cfg.model).name,
+                        init_weights=str(t.get("init_weights", "model")), init_ema=str(t.get("init_ema", "file")),
+                        init_time=str(t.get("init_time", "auto")))
+    except (CheckpointError, ValueError, OSError) as err:
+        return [str(err)]
     return []
 
 

@@ -11,7 +11,8 @@ from gd.launch import LaunchError
 from gd.launch.validate import validate, world_size
 from tests.launch.conftest import compose_cfg, run_launch
 
-EXPERIMENTS = ("demo", "sit_xl2_baseline", "groupdiff4", "groupdiff16")
+EXPERIMENTS = ("demo", "sit_xl2_baseline", "groupdiff4", "groupdiff16", "finetune_sit_xl2_groupdiff4",
+               "finetune_dit_xl2_groupdiff4", "finetune_repa_groupdiff4")
 
 
 @pytest.mark.parametrize("cluster", ["local", "slurm"])
@@ -30,7 +31,8 @@ def test_groupdiff16_is_the_paper_recipe() -> None:
     assert (cfg.model.in_channels, cfg.model.input_size, cfg.model.num_classes) == (4, 32, 1000)
     assert (cfg.diffusion.mode, cfg.diffusion.group_size, cfg.diffusion.p_group) == ("l", 16, 0.1)
     t = cfg.train
-    assert (t.global_batch, t.lr, t.ema_decay, t.precision, t.zero_stage) == (256, 1e-4, 0.9999, "bf16", 2)
+    assert (t.global_batch, t.lr, t.ema_decay, t.precision, t.zero_stage) == (256, 1e-4, 0.9999, "bf16_autocast", 2)
+    assert cfg.model.learn_sigma is False  # the released SiT layout: 4 output channels
     assert cfg.data.root.startswith("s3://")
     assert world_size(cfg.cluster) == 8
 
@@ -103,7 +105,7 @@ def test_micro_batch_times_world_must_divide_the_batch() -> None:
 
 
 def test_engine_settings_are_checked_before_submission() -> None:
-    msg = _rejection("+cluster=slurm", "+exp=groupdiff16", "train.zero_stage=0")
+    msg = _rejection("+cluster=slurm", "+exp=groupdiff16", "train.zero_stage=0", "train.precision=bf16")
     assert "train.zero_stage=0 with train.precision=bf16" in msg and "bf16_autocast" in msg
     assert "train.precision='fp16'" in _rejection("+cluster=local", "+exp=demo", "train.precision=fp16")
 
@@ -238,3 +240,48 @@ def test_a_world_size_change_the_checkpoint_can_take_is_announced(tmp_path: Path
     _checkpoint(tmp_path / "z3" / "demo", 10, 2, zero_stage=3)
     msg = _rejection(*_demo_on_one_rank(tmp_path / "z3"), "train.zero_stage=3")
     assert "train.zero_stage=3 train.precision=fp32 keeps optimizer state in a layout" in msg
+
+
+def test_init_from_is_checked_at_launch(tmp_path: Path) -> None:
+    """train.init_from: a missing file and a file of another model size are refused before submission, naming the
+    file and the keys; a fitting one passes; once the run has a checkpoint of its own the file is not read."""
+    import torch
+
+    from gd.models import build_model
+
+    base = [*_demo_on_one_rank(tmp_path)]
+    missing = tmp_path / "absent.pt"
+    assert f"train.init_from={missing}: no such file" in _rejection(*base, f"train.init_from={missing}")
+    cfg = compose_cfg(*base)
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if v is not None}
+    small = build_model(kwargs.pop("name"), **{**kwargs, "hidden_size": 64, "num_heads": 4, "sample_embed": "none"})
+    torch.save(small.state_dict(), tmp_path / "small.pt")
+    msg = _rejection(*base, f"train.init_from={tmp_path / 'small.pt'}")
+    assert "does not fit this run's model" in msg and "x_embedder.proj.weight: file (64," in msg
+    fits = build_model(kwargs.pop("name", cfg.model.name), **{**kwargs, "sample_embed": "none"})
+    torch.save(fits.state_dict(), tmp_path / "fits.pt")
+    cfg = compose_cfg(*base, f"train.init_from={tmp_path / 'fits.pt'}")
+    with open_dict(cfg):
+        cfg.launcher.check_data = False
+    assert validate(cfg) == []
+    _checkpoint(tmp_path / "demo", 10, 1)
+    cfg = compose_cfg(*base, f"train.init_from={tmp_path / 'small.pt'}")
+    with open_dict(cfg):
+        cfg.launcher.check_data = False
+    assert any("has a checkpoint of its own and resumes it: train.init_from=" in w for w in validate(cfg))
+
+
+@pytest.mark.parametrize("exp,objective,learn_sigma,steps,file", [
+    ("finetune_sit_xl2_groupdiff4", "flow", False, 500_456, "SiT-XL-2-256.pt"),
+    ("finetune_dit_xl2_groupdiff4", "ddpm", True, 500_456, "DiT-XL-2-256x256.pt"),
+    ("finetune_repa_groupdiff4", "flow", False, 500_000, "repa-sit-xl-2-256.pt"),
+])
+def test_finetune_experiments_are_their_rows(exp: str, objective: str, learn_sigma: bool, steps: int,
+                                             file: str) -> None:
+    """Table 4's fine-tunes: 100 epochs = ceil(100 x 1,281,167 / 256) steps at batch 256 (the released one: 500K),
+    GroupDiff-l with N=4 on the pretrained file's backbone."""
+    cfg = compose_cfg("+cluster=slurm", f"+exp={exp}")
+    assert steps in (500_000, -(-100 * 1_281_167 // 256))
+    assert (cfg.train.steps, cfg.train.global_batch, cfg.diffusion.group_size) == (steps, 256, 4)
+    assert (cfg.diffusion.get("objective") or "flow", cfg.model.learn_sigma) == (objective, learn_sigma)
+    assert cfg.train.init_from == f"{cfg.run.root}/pretrained/{file}"
