@@ -134,7 +134,7 @@ class ProbeSet:
         if len(xs) < images:
             raise ValueError(f"train.probe_images={images}: the probe data holds only {len(xs)} images in complete "
                              f"same-class groups of {group_size}")
-        x = torch.stack([torch.as_tensor(np.asarray(v)).float() for v in xs])
+        x = torch.stack([torch.tensor(np.array(v), dtype=torch.float32) for v in xs])
         return cls(x, torch.tensor(ys, dtype=torch.long), group_size, times, seed)
 
     @classmethod
