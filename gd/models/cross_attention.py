@@ -1,5 +1,6 @@
 """S_cross, the cross-sample attention score (GroupDiff, Table 1): how strongly attention singles out one
-neighbour of the group.
+neighbour of the group; and beside it (:class:`GroupAttentionStats`) member selectivity, the share of a query's
+attention on its own member's tokens (1/N when attention is uniform over the group; docs/probes.md).
 
 Definition. In a group of N members, for a query token of member i, head h, let a_j be the attention mass its
 softmax puts on all tokens of member j (j != i). Then
