@@ -3,8 +3,9 @@
 ``train()`` loops over ``train_step()``, which runs ``forward_backward()`` for each of the step's ``grad_accum``
 micro-batches and then the update. Each concern with a cadence owns it: the checkpointer (``train.ckpt_every``,
 the last step, preemption), the step log (``train.log_every``), the S_cross probe (``train.s_cross_every``) and the
-held-out probes (``train.probe_every``); callbacks (gd.train.callbacks) hook in from outside, fault injection included. The benchmarks time the same
-``forward`` / ``backward`` / update methods on synthetic data (gd.bench.train).
+held-out probes (``train.probe_every``); callbacks (gd.train.callbacks) hook in from outside, fault injection
+included. The benchmarks time the same ``forward`` / ``backward`` / update methods on synthetic data
+(gd.bench.train).
 
 The batch plan (gd.diffusion.plan) decides per micro-batch (released recipe: each rank's each accumulation step
 draws its own kind) whether it is conditional (plain stream, group size 1) or a group micro-batch (group stream,
