@@ -183,6 +183,23 @@ def _get(cfg: Mapping | Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
+def _locations(root: str, cache: str, stream: str, meta: dict) -> dict[str, str]:
+    """streaming's remote and node-local folders of ``<root>/<stream>``. A local root is a remote too: streaming
+    decompresses zstd shards next to its `local` copy, and a folder several nodes mount (NFS, Lustre) would have
+    every node writing the same files."""
+    remote = storage.join(root, stream) if storage.is_remote(root) else str(Path(root).resolve() / stream)
+    return {"remote": remote, "local": cached_stream(cache, root, stream, meta)}
+
+
+def plain_records(root: str, cache: str) -> PlainDataset:
+    """Random access (``ds.get_item(i)``, in index order, no flip) to the plain records of the shards at ``root``,
+    cached in ``cache`` (a folder of its own: streaming refuses a local folder another open dataset uses). Reading
+    record i gives the same record on every rank (streaming's partition applies to iteration only)."""
+    meta = check_dataset(root)
+    return PlainDataset(seed=0, flip=False, batch_size=1, shuffle=False, download_timeout=120,
+                        **_locations(root, cache, "plain", meta))
+
+
 def build_loaders(data_cfg: Mapping | Any, *, group_size: int, micro_batch: int, seed: int, rank: int,
                   world_size: int, replication: int = 1) -> tuple[StreamingDataLoader, StreamingDataLoader]:
     """(plain_loader, group_loader) over `data_cfg.root` (local dir or s3://bucket/prefix).
@@ -225,10 +242,7 @@ def build_loaders(data_cfg: Mapping | Any, *, group_size: int, micro_batch: int,
                          "decompressed into)")
 
     def locations(stream: str) -> dict[str, str | None]:
-        # A local root is a remote too: streaming decompresses zstd shards next to its `local` copy, and a folder
-        # several nodes mount (NFS, Lustre) would have every node writing the same files.
-        remote = storage.join(root, stream) if storage.is_remote(root) else str(Path(root).resolve() / stream)
-        return {"remote": remote, "local": cached_stream(cache, root, stream, meta)}
+        return _locations(root, str(cache), stream, meta)
 
     n_groups = micro_batch // group_size
     plain = PlainDataset(seed=seed, flip=flip, batch_size=micro_batch, **locations("plain"), **common)

@@ -68,10 +68,22 @@ class TimeSampler:
             t = torch.rand(n, generator=generator, device=gdev)
         else:
             t = torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, device=gdev))
-        if self.shift != 1.0:
-            tau = 1.0 - t
-            t = 1.0 - self.shift * tau / (1.0 + (self.shift - 1.0) * tau)
-        return t.to(device if device is not None else gdev)
+        return self._shifted(t).to(device if device is not None else gdev)
+
+    def quantile(self, u: Tensor) -> Tensor:
+        """The times at cumulative probabilities ``u`` in (0, 1) of this distribution (its inverse CDF; the shift
+        is monotone, so it maps quantiles to quantiles)."""
+        if self.kind == "uniform":
+            t = u.float()
+        else:
+            t = torch.sigmoid(self.mean + self.std * 2.0 ** 0.5 * torch.erfinv(2.0 * u.float() - 1.0))
+        return self._shifted(t)
+
+    def _shifted(self, t: Tensor) -> Tensor:
+        if self.shift == 1.0:
+            return t
+        tau = 1.0 - t
+        return 1.0 - self.shift * tau / (1.0 + (self.shift - 1.0) * tau)
 
 
 SIGMA_TV_DRAWS = ("window", "anchor")

@@ -60,11 +60,14 @@ class Objective(Protocol):
     def network(self, net: Net) -> Net: ...
 
     def loss(self, net: Net, x: Tensor, y: Tensor, group_size: int, generator: torch.Generator | None,
-             shard: Shard | None = None) -> tuple[Tensor, Tensor]: ...
+             shard: Shard | None = None, *, t: Tensor | None = None,
+             noise: Tensor | None = None) -> tuple[Tensor, Tensor]: ...
 
     def check_model(self, model: Mapping[str, Any]) -> None: ...
 
     def probe_input(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def probe_times(self, count: int) -> Tensor: ...
 
     def from_released(self, model: torch.nn.Module) -> torch.nn.Module: ...
 
@@ -167,10 +170,12 @@ class FlowObjective:
         return net
 
     def loss(self, net: Net, x: Tensor, y: Tensor, group_size: int, generator: torch.Generator | None,
-             shard: Shard | None = None) -> tuple[Tensor, Tensor]:
-        """(loss, per-image velocity MSE); t, then the noise, come from ``generator``; ``shard``: this rank's rows
-        of the replica's batch under group parallelism (gd.diffusion.plan.Shard)."""
-        return group_loss(net, x, y, group_size, sigma_tv=self.sigma_tv, generator=generator,
+             shard: Shard | None = None, *, t: Tensor | None = None,
+             noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(loss, per-image velocity MSE); t, then the noise, come from ``generator`` unless given (the probes'
+        fixed draws); ``shard``: this rank's rows of the replica's batch under group parallelism
+        (gd.diffusion.plan.Shard)."""
+        return group_loss(net, x, y, group_size, t=t, noise=noise, sigma_tv=self.sigma_tv, generator=generator,
                           time_sampling=self.time_sampler, reduction=self.reduction, sigma_tv_draw=self.sigma_tv_draw,
                           shard=shard)
 
@@ -184,6 +189,11 @@ class FlowObjective:
         """The S_cross probe's point: t = 0.5 (signal-to-noise ratio 1)."""
         t = torch.full((x.shape[0],), 0.5, device=x.device)
         return LinearPath().x_t(t, noise, x), t
+
+    def probe_times(self, count: int) -> Tensor:
+        """``count`` fixed flow times: the training time distribution's quantiles at the midpoints (k + 1/2) / count
+        of equal-probability strata, so their mean loss estimates the training loss's expectation over t."""
+        return self.time_sampler.quantile((torch.arange(count, dtype=torch.float64) + 0.5) / count)
 
     def from_released(self, model: torch.nn.Module) -> torch.nn.Module:
         """A released GroupDiff SiT runs in the reverse time convention (REPA's): sample it through the bridge."""
@@ -274,10 +284,11 @@ class DDPMObjective:
         return functools.partial(net, full_output=True)
 
     def loss(self, net: Net, x: Tensor, y: Tensor, group_size: int, generator: torch.Generator | None,
-             shard: Shard | None = None) -> tuple[Tensor, Tensor]:
-        """(loss, per-image hybrid loss ε MSE + VLB); t, then the noise, come from ``generator``; ``shard`` as for
-        the flow objective."""
-        loss, terms = ddpm.group_loss(self.diffusion, net, x, y, group_size, spread=self.spread,
+             shard: Shard | None = None, *, t: Tensor | None = None,
+             noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(loss, per-image hybrid loss ε MSE + VLB); t (this diffusion's indices), then the noise, come from
+        ``generator`` unless given; ``shard`` as for the flow objective."""
+        loss, terms = ddpm.group_loss(self.diffusion, net, x, y, group_size, t=t, noise=noise, spread=self.spread,
                                       keep_anchor=self.keep_anchor, generator=generator, reduction=self.reduction,
                                       shard=shard)
         return loss, terms.loss
@@ -297,6 +308,11 @@ class DDPMObjective:
         """The S_cross probe's point: the DDPM step whose signal-to-noise ratio is 1, as flow's t = 0.5."""
         t = torch.full((x.shape[0],), self.probe_t, dtype=torch.long, device=x.device)
         return self.diffusion.q_sample(x, t, noise), t
+
+    def probe_times(self, count: int) -> Tensor:
+        """``count`` fixed DDPM indices at the midpoints of equal strata of the uniform 0..T-1 (long)."""
+        u = (torch.arange(count, dtype=torch.float64) + 0.5) / count
+        return (u * self.num_timesteps).floor().long()
 
     def from_released(self, model: torch.nn.Module) -> torch.nn.Module:
         """The released GroupDiff DiT is called with DDPM indices, as here: nothing to bridge."""

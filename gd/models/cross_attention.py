@@ -1,5 +1,6 @@
 """S_cross, the cross-sample attention score (GroupDiff, Table 1): how strongly attention singles out one
-neighbour of the group.
+neighbour of the group; and beside it (:class:`GroupAttentionStats`) member selectivity, the share of a query's
+attention on its own member's tokens (1/N when attention is uniform over the group; docs/probes.md).
 
 Definition. In a group of N members, for a query token of member i, head h, let a_j be the attention mass its
 softmax puts on all tokens of member j (j != i). Then
@@ -21,7 +22,7 @@ as the EMA model avoids the extra gather).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
@@ -30,8 +31,9 @@ from gd.models.attention import group_view
 from gd.models.sit import SiT
 
 
-def _layer_score(attn: torch.nn.Module, x: Tensor, group_size: int, group_mask: Tensor | None,
-                 chunk: int = 1024) -> float:
+def _layer_stats(attn: torch.nn.Module, x: Tensor, group_size: int, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """Per group (G,): S_cross (0 below three members) and the own-member share (the mass a query's softmax puts on
+    its own member's tokens), each the mean over the group's queries and heads."""
     b, l, c = x.shape
     heads = attn.num_heads
     n = group_size
@@ -39,20 +41,78 @@ def _layer_score(attn: torch.nn.Module, x: Tensor, group_size: int, group_mask: 
     qkv = attn.qkv(group_view(x, n)).float().view(g, n * l, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
     q, k = qkv[0] * (c // heads) ** -0.5, qkv[1]  # (G, H, N*L, D)
     owner = torch.arange(n, device=x.device).repeat_interleave(l)  # member of each token
-    per_group = torch.zeros(g, device=x.device)
+    spread = torch.zeros(g, device=x.device)
+    own_total = torch.zeros(g, device=x.device)
     for start in range(0, n * l, chunk):
         probs = (q[:, :, start:start + chunk] @ k.transpose(-2, -1)).softmax(-1)  # (G, H, q, N*L)
         mass = probs.view(*probs.shape[:-1], n, l).sum(-1)  # (G, H, q, N): mass per member
         own = owner[start:start + chunk]
-        others = torch.ones(mass.shape[-2], n, dtype=torch.bool, device=x.device)
-        others[torch.arange(len(own)), own] = False
-        hi = mass.masked_fill(~others, float("-inf")).amax(-1)
-        lo = mass.masked_fill(~others, float("inf")).amin(-1)
-        per_group += (hi - lo).sum(dim=(1, 2))
-    per_group = per_group / (heads * n * l)
-    if group_mask is not None:
-        per_group = per_group * group_mask.float()
-    return per_group.mean().item()
+        mine = torch.zeros(mass.shape[-2], n, dtype=torch.bool, device=x.device)
+        mine[torch.arange(len(own)), own] = True
+        own_total += mass.masked_fill(~mine, 0.0).sum(dim=(1, 2, 3))
+        if n >= 3:
+            hi = mass.masked_fill(mine, float("-inf")).amax(-1)
+            lo = mass.masked_fill(mine, float("inf")).amin(-1)
+            spread += (hi - lo).sum(dim=(1, 2))
+    count = heads * n * l
+    return spread / count, own_total / count
+
+
+class GroupAttentionStats:
+    """Per-layer attention statistics of the group attention, accumulated over every forward pass of ``model``
+    made inside the ``with`` block (pre-forward hooks on the chosen blocks' attention; nothing is kept beyond
+    each layer's call).
+
+    * :meth:`s_cross`: S_cross (module docstring), the mean over every group of every pass; a group attending
+      per image (outside ``group_t_window``, or a pass at group size 1) scores 0.
+    * :meth:`own_share`: the attention share a query gives its own member's tokens ("member selectivity"), the
+      mean over queries, heads and the groups that attend across members; uniform attention gives exactly 1/N,
+      a model that learned which tokens are its member's gives more. None for a layer no group attended in.
+
+    ``layers`` defaults to every block in ``model.group_layers``.
+    """
+
+    def __init__(self, model: SiT, layers: Iterable[int] | None = None) -> None:
+        chosen = list(range(*model.group_layers)) if layers is None else sorted(set(int(i) for i in layers))
+        bad = [i for i in chosen if not 0 <= i < model.depth]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: the model has blocks 0..{model.depth - 1}")
+        self.model = model
+        self.layers = chosen
+        self._sums = {i: [0.0, 0, 0.0, 0] for i in chosen}  # S_cross sum, groups; own-share sum, groups
+        self._handles: list[Any] = []
+
+    def _hook(self, index: int):
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            x = args[0]
+            n = args[1] if len(args) > 1 else 1
+            mask = args[2] if len(args) > 2 else None
+            acc = self._sums[index]
+            if n < 2:
+                acc[1] += x.shape[0]  # per-image attention: S_cross 0 for every image's "group"
+                return
+            spread, own = _layer_stats(module, x, n)
+            keep = torch.ones_like(own, dtype=torch.bool) if mask is None else mask.bool()
+            acc[0] += (spread * keep.float()).sum().item()
+            acc[1] += own.shape[0]
+            acc[2] += own[keep].sum().item()
+            acc[3] += int(keep.sum().item())
+        return hook
+
+    def __enter__(self) -> GroupAttentionStats:
+        self._handles = [self.model.blocks[i].attn.register_forward_pre_hook(self._hook(i)) for i in self.layers]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def s_cross(self) -> dict[int, float]:
+        return {i: (a[0] / a[1] if a[1] else 0.0) for i, a in self._sums.items()}
+
+    def own_share(self) -> dict[int, float | None]:
+        return {i: (a[2] / a[3] if a[3] else None) for i, a in self._sums.items()}
 
 
 @torch.no_grad()
@@ -62,29 +122,14 @@ def cross_attention_score(model: SiT, x: Tensor, t: Tensor, y: Tensor, group_siz
 
     ``layers`` defaults to every block in ``model.group_layers``. Runs in eval mode (restored afterwards).
     """
-    chosen = list(range(*model.group_layers)) if layers is None else sorted(set(int(i) for i in layers))
-    bad = [i for i in chosen if not 0 <= i < model.depth]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: the model has blocks 0..{model.depth - 1}")
+    stats = GroupAttentionStats(model, layers)
     if group_size < 2 or model.depth == 0:
-        return {i: 0.0 for i in chosen}
-    scores: dict[int, float] = {}
-
-    # Scored inside the pre-forward hook, so no layer's activations are kept beyond its own call.
-    def make_hook(index: int):
-        def hook(module: torch.nn.Module, args: tuple) -> None:
-            n = args[1] if len(args) > 1 else 1
-            mask = args[2] if len(args) > 2 else None
-            scores[index] = 0.0 if n < 3 else _layer_score(module, args[0], n, mask)
-        return hook
-
-    handles = [model.blocks[i].attn.register_forward_pre_hook(make_hook(i)) for i in chosen]
+        return {i: 0.0 for i in stats.layers}
     was_training = model.training
     model.eval()
     try:
-        model(x, t, y, group_size=group_size, slots=slots)
+        with stats:
+            model(x, t, y, group_size=group_size, slots=slots)
     finally:
         model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return {i: scores[i] for i in chosen}
+    return stats.s_cross()

@@ -2,9 +2,10 @@
 
 ``train()`` loops over ``train_step()``, which runs ``forward_backward()`` for each of the step's ``grad_accum``
 micro-batches and then the update. Each concern with a cadence owns it: the checkpointer (``train.ckpt_every``,
-the last step, preemption), the step log (``train.log_every``) and the S_cross probe (``train.s_cross_every``);
-callbacks (gd.train.callbacks) hook in from outside, fault injection included. The benchmarks time the same
-``forward`` / ``backward`` / update methods on synthetic data (gd.bench.train).
+the last step, preemption), the step log (``train.log_every``), the S_cross probe (``train.s_cross_every``) and the
+held-out probes (``train.probe_every``); callbacks (gd.train.callbacks) hook in from outside, fault injection
+included. The benchmarks time the same ``forward`` / ``backward`` / update methods on synthetic data
+(gd.bench.train).
 
 The batch plan (gd.diffusion.plan) decides per micro-batch (released recipe: each rank's each accumulation step
 draws its own kind) whether it is conditional (plain stream, group size 1) or a group micro-batch (group stream,
@@ -51,7 +52,7 @@ from gd.train.guard import NonFiniteError, NonFiniteGuard
 from gd.train.init_from import Pretrained, check_init_cfg, describe, load_weights, read_pretrained
 from gd.train.metrics import MetricsLogger, StepLog, Throughput
 from gd.train.nodes import Nodes
-from gd.train.probes import SCrossProbe
+from gd.train.probes import HeldOutProbe, SCrossProbe
 from gd.train.sample_grid import SampleGrid
 from gd.train.tracking import check_available
 
@@ -189,6 +190,7 @@ class Trainer:
         self.guard = NonFiniteGuard(self.optimizer, int(t.max_nonfinite), int(resume_meta.get("skipped_steps", 0)),
                                     verbose=d.is_main)
         self.probe = SCrossProbe(int(t.get("s_cross_every") or 0), self.zero3, self.objective)
+        self.held_out = HeldOutProbe.from_config(cfg, self.zero3, self.objective, self.plan.group_size)
         self.callbacks = CallbackList([*callbacks, *([grid] if grid else [])])
         self.stop_requested = stop_requested
         self.net = self.objective.network(self.engine)  # the engine as the objective's loss calls it
@@ -382,6 +384,9 @@ class Trainer:
                 probe = self.probe.maybe_measure(step, self.engine)
                 if probe is not None:
                     logger.log(step, probe)
+                held_out = self.held_out.maybe_measure(step, self.engine)  # train.probe_every
+                if held_out is not None:
+                    logger.log(step, held_out)
                 steplog.maybe_log(step, {
                     "grad_norm": self.optimizer.last_grad_norm,  # global, before clipping
                     "lr": float(self.optimizer.param_groups[0]["lr"]),
