@@ -5,13 +5,17 @@ each run it reads what the run directory already holds, nothing else: the last l
 and loss of the last ``metrics.jsonl`` record, ``train.steps`` from ``config.yaml``, the latest checkpoint. The
 state is the scheduler's while it knows the job (``squeue``: PENDING, RUNNING, REQUEUED, FAILED, CANCELLED, ...;
 on +cluster=local, RUNNING while the process lives); otherwise, and for a job that COMPLETED, DONE when the run
-reached ``train.steps``, else STOPPED (stopped early: its log says why; relaunching the run resumes it).
+reached ``train.steps``; FAILED when a task of the job ended in an exception (submitit's result files, else
+``sacct``), with that task's last error line; else STOPPED (stopped early, e.g. preempted without a requeue:
+relaunching the run resumes it).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -36,6 +40,7 @@ class RunStatus:
     cluster: str | None
     log: str | None
     run_dir: str
+    error: str | None = None
 
 
 def is_run_dir(path: Path) -> bool:
@@ -140,12 +145,16 @@ def collect(path: Path) -> list[RunStatus]:
         ckpt, age = _checkpoint(run)
         job_id = str(launch["job_id"]) if launch else None
         done = step is not None and steps is not None and step >= steps and (run / "ema.pt").is_file()
+        error = None
         if job_id in known and known[job_id] != "COMPLETED":
             state = known[job_id]  # pending, running, requeued, or how it ended (FAILED, CANCELLED, TIMEOUT, ...)
         elif launch is None:
             state = "NOT LAUNCHED"
+        elif done:
+            state = "DONE"
         else:
-            state = "DONE" if done else "STOPPED"  # a job that exits 0 after a preemption without requeue: STOPPED
+            error = job_error(launch)
+            state = "FAILED" if error is not None else (_sacct_state(launch) or "STOPPED")
         log = None
         if launch and launch.get("submitit"):
             log = str(Path(launch["submitit"]) / f"{job_id}_0_log.out")
@@ -153,8 +162,52 @@ def collect(path: Path) -> list[RunStatus]:
         rows.append(RunStatus(run=_name(run, path), state=state, step=step, steps=steps,
                               loss=float(loss) if isinstance(loss, (int, float)) else None, checkpoint=ckpt,
                               checkpoint_age_s=age, job_id=job_id, cluster=launch.get("cluster") if launch else None,
-                              log=log, run_dir=str(run)))
+                              log=log, run_dir=str(run), error=error))
     return rows
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Reads only plain data (tuples, strings, numbers): a result file is not trusted to name classes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def job_error(launch: dict[str, Any]) -> str | None:
+    """The last line of the exception a task of the launched job ended with (submitit writes each task's outcome
+    to ``<job>_<task>_result.pkl``: ("error", traceback) or ("success", ...)); None when no task failed."""
+    folder, job_id = launch.get("submitit"), str(launch.get("job_id"))
+    if not folder or not Path(folder).is_dir():
+        return None
+    for path in sorted(Path(folder).glob(f"{job_id}_*_result.pkl")):
+        try:
+            with open(path, "rb") as f:
+                outcome = _PlainUnpickler(io.BytesIO(f.read(TAIL_BYTES * 16))).load()
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError):
+            continue  # written by a newer submitit, or holding a result object: not an error record
+        if isinstance(outcome, tuple) and len(outcome) == 2 and outcome[0] == "error" and isinstance(outcome[1], str):
+            task = path.name[len(job_id) + 1:].split("_")[0]
+            lines = [line.strip() for line in outcome[1].strip().splitlines() if line.strip()]
+            return f"task {task}: {lines[-1] if lines else 'failed'}"
+    return None
+
+
+def _sacct_state(launch: dict[str, Any]) -> str | None:
+    """How SLURM's accounting says the job ended (FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY, NODE_FAIL, ...), where
+    accounting is kept; None otherwise or when it completed."""
+    if launch.get("cluster") != "slurm":
+        return None
+    try:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", str(launch["job_id"]), "-o", "JobName,State"],
+                             capture_output=True, text=True, check=False, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():
+        name, _, state = line.partition("|")
+        state = state.split()[0] if state.split() else ""
+        if state and state != "COMPLETED" and name == launch.get("job_name", name):
+            return state
+    return None
 
 
 def _name(run: Path, base: Path) -> str:
@@ -179,7 +232,9 @@ def table(rows: list[RunStatus]) -> str:
              f"step {r.checkpoint} ({_age(r.checkpoint_age_s)})" if r.checkpoint is not None else "-",
              f"{r.cluster} {r.job_id}" if r.job_id else "-") for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in (head, *body))
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in (head, *body)]
+    errors = [f"{r.run}: {r.error} (log: {r.log})" for r in rows if r.error]
+    return "\n".join(lines + errors)
 
 
 def main(argv: list[str]) -> int:
