@@ -19,8 +19,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 REDACTED = "***"
 # A word of an environment-variable or config-key name that says its value is a credential (bounded by non-letters,
 # so `num_tokens` or `monkey` are not credentials, `HF_TOKEN` and `AWS_SECRET_ACCESS_KEY` are).
-_WORD = (r"(?<![A-Z])(?:SECRETS?|TOKEN|PASSWORD|PASSWD|PASSPHRASE|CREDENTIALS?|CONNECTION_?STRING|SAS"
-         r"|(?:API|ACCESS|ACCOUNT|PRIVATE|SESSION|STORAGE|SIGNING|ENCRYPTION|MASTER)_?KEY)(?![A-Z])")
+_WORD = (r"(?<![A-Z])(?:SECRETS?|TOKEN|PASSWORD|PASSWD|PASSPHRASE|CREDENTIALS?|CONNECTION[_-]?STRING|SAS"
+         r"|(?:API|ACCESS|ACCOUNT|PRIVATE|SESSION|STORAGE|SIGNING|ENCRYPTION|MASTER)[_-]?KEY)(?![A-Z])")
 _NAME = re.compile(_WORD, re.I)
 _ENV_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
 _ENV_REF = re.compile(r"\$\{oc\.env:([^,}]+)")
@@ -31,6 +31,8 @@ ASSIGNMENT = "a credential assignment"
 # The value of a NAME=value assignment: 6+ characters, not a shell reference ($VAR is expanded where the job runs and
 # stores nothing); an OmegaConf ${...} is resolved into what is written, so it counts.
 _VALUE = r"(?P<value>(?!\$(?!\{))[^\s,;\"']{6,})"
+# The same value in quotes (NAME="value", --name 'value'): anything up to the closing quote, spaces included.
+_QUOTED = r"(?P<quote>[\"'])(?P<value>(?!\$(?!\{))(?:(?!(?P=quote))[^\n]){6,}?)(?P=quote)"
 
 # (kind, pattern, group holding the secret or 0 for the whole match)
 _PATTERNS: tuple[tuple[str, re.Pattern, int | str], ...] = (
@@ -46,10 +48,12 @@ _PATTERNS: tuple[tuple[str, re.Pattern, int | str], ...] = (
     ("a bearer token", re.compile(r"\bbearer\s+(?P<value>[A-Za-z0-9._~+/=-]{8,})", re.I), "value"),
     ("an API token", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{20,}|hf_[A-Za-z0-9]{30,}"
                                 r"|xox[abposr]-[A-Za-z0-9-]{10,}|sk-[A-Za-z0-9_-]{20,})"), 0),
-    # NAME=value, NAME: value and --name value, where NAME holds a credential word.
-    (ASSIGNMENT, re.compile(r"(?P<name>[A-Za-z0-9_.-]*" + _WORD + r"[A-Za-z0-9_]*)\s*[=:]\s*" + _VALUE, re.I),
-     "value"),
-    (ASSIGNMENT, re.compile(r"(?P<name>--[A-Za-z0-9_-]*" + _WORD + r"[A-Za-z0-9_-]*)\s+" + _VALUE, re.I), "value"),
+    # NAME=value, NAME: value and --name value (each also with the value quoted), where NAME holds a credential
+    # word (--api-key as well as API_KEY).
+    *((ASSIGNMENT, re.compile(r"(?P<name>[A-Za-z0-9_.-]*" + _WORD + r"[A-Za-z0-9_-]*)\s*[=:]\s*" + value, re.I),
+       "value") for value in (_VALUE, _QUOTED)),
+    *((ASSIGNMENT, re.compile(r"(?P<name>--[A-Za-z0-9_-]*" + _WORD + r"[A-Za-z0-9_-]*)\s+" + value, re.I), "value")
+      for value in (_VALUE, _QUOTED)),
 )
 
 
@@ -75,9 +79,11 @@ def credential_kinds(text: str, *, rendered: bool = False) -> list[str]:
                 value = match.group("value")
                 if value.startswith("${") and not rendered:
                     continue
-                kinds.append(f"{kind} to {match.group('name')}")
+                found = f"{kind} to {match.group('name')}"
             else:
-                kinds.append(kind)
+                found = kind
+            if found not in kinds:  # a kind of several patterns (an assignment quoted or not) is listed once
+                kinds.append(found)
             break
     if rendered:
         kinds += [f"an interpolated credential ({ref})" for ref in _ENV_REF.findall(text) if is_credential_name(ref)]

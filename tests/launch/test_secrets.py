@@ -45,6 +45,13 @@ def _rejected(*overrides: str) -> str:
     ("cluster.setup=['export HF_TOKEN=${oc.env:HF_TOKEN}']", "cluster.setup[0]", "an interpolated credential"),
     ("+cluster.comment=AKIAIOSFODNN7EXAMPLE", "cluster.comment", "an AWS access key id"),
     (f"+data.api_token={SECRET}", "data.api_token", "named like a credential and has a literal value"),
+    # quoted values and hyphenated flags (fail before the fix: both passed the scan and reached the sbatch script)
+    (f"cluster.setup=['export AWS_SECRET_ACCESS_KEY=\"{SECRET}\"']", "cluster.setup[0]",
+     "a credential assignment to AWS_SECRET_ACCESS_KEY"),
+    (f"cluster.setup=[\"export HF_TOKEN='{SECRET} x'\"]", "cluster.setup[0]", "a credential assignment to HF_TOKEN"),
+    (f"cluster.setup=['mytool --api-key {SECRET}']", "cluster.setup[0]", "a credential assignment to --api-key"),
+    (f"cluster.setup=['mytool --access-key=\"{SECRET}\"']", "cluster.setup[0]",
+     "a credential assignment to --access-key"),
 ])
 def test_credentials_anywhere_in_the_config_are_refused(override, where, kind):
     """Fails before the fix: only cluster.env key names were checked, so each of these was submitted and written
@@ -126,6 +133,10 @@ def test_endpoint_password_is_not_printed_in_s3_errors(monkeypatch):
     ("Authorization: Bearer abcdefghijkl", "Authorization: Bearer ***"),
     ("export AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY", "export AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY"),
     ("tokenizer=bpe num_tokens=256 runs/key_frames", "tokenizer=bpe num_tokens=256 runs/key_frames"),
+    ('export AWS_SECRET_ACCESS_KEY="abc def gh1"', 'export AWS_SECRET_ACCESS_KEY="***"'),
+    ("--api-key 'abcdefgh123' --steps 10", "--api-key '***' --steps 10"),
+    ("--api-key abcdefgh123", "--api-key ***"),
+    ('export AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY"', 'export AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY"'),
 ])
 def test_redact_keeps_names_and_drops_values(text, want):
     """Catches an over-eager pattern (config words like num_tokens) as well as a missed one."""
