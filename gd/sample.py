@@ -618,11 +618,9 @@ def assemble(out: Path, layout: Layout, s: DictConfig) -> Path:
 
 def main() -> None:
     """``python -m gd.sample`` / ``gd-sample``: hydra entry point (conf/evaluate.yaml: the run config + ckpt)."""
-    import hydra
+    from gd.config import hydra_main
 
-    from gd.config import config_path
-
-    @hydra.main(version_base="1.3", config_path=config_path(), config_name="evaluate")
+    @hydra_main("evaluate")
     def main(cfg: DictConfig) -> None:
         result = generate(cfg)
         if result.get("npz"):
