@@ -13,14 +13,12 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from gd.config import config_path
+from gd.config import hydra_main
 
 
 def main() -> None:
     """Hydra entry point (conf/build_shards.yaml); torch and the pipeline load only once a build starts."""
-    import hydra
-
-    @hydra.main(config_path=config_path(), config_name="build_shards", version_base="1.3")
+    @hydra_main("build_shards")
     def _main(cfg: DictConfig) -> None:
         from gd.data.build import Builder, config_from_dict
 

@@ -6,7 +6,11 @@ working directory) always reads its own ``conf/``, so a worktree never picks up 
 """
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -26,6 +30,33 @@ def config_path() -> str:
     """``config_path`` for ``hydra.main``: the checkout's absolute ``conf/`` path, or ``pkg://gd.conf``."""
     conf = source_conf_dir()
     return str(conf) if conf is not None else f"pkg://{PACKAGE}"
+
+
+def hydra_main(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """``hydra.main`` on ``conf/<config_name>.yaml`` for every gd entry point, with credentials kept out of what hydra
+    itself prints: it echoes override values in its errors ("Error executing job with overrides: [...]",
+    composition hints such as "To append to your config use +key=value"), and in ``--cfg``/``--help``. Everything
+    printed outside the task is redacted (:func:`gd.secrets.redacted_output`); the task's own output is not."""
+    def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        @functools.wraps(task)
+        def run() -> Any:
+            import hydra
+
+            from gd.secrets import redacted_output
+
+            result: list[Any] = []
+            with redacted_output(sys.argv[1:]) as guard:
+                @functools.wraps(task)  # hydra names the job after the wrapped task's module
+                def job(cfg: DictConfig) -> None:
+                    with guard.passthrough():
+                        result.append(task(cfg))
+
+                hydra.main(version_base="1.3", config_path=config_path(), config_name=config_name)(job)()
+            return result[-1] if result else None
+
+        return run
+
+    return decorate
 
 
 def read_yaml(name: str) -> DictConfig:

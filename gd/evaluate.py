@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from gd.config import config_path, read_yaml
+from gd.config import hydra_main, read_yaml
 from gd.io import atomic_save_npy, atomic_write_bytes
 from gd.metrics.fid import feature_stats, frechet_distance, inception_score, precision_recall, reference_features
 from gd.metrics.inception import InceptionExtractor, build_inception
@@ -150,9 +150,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 def main() -> None:
     """``python -m gd.evaluate`` / ``gd-evaluate``: hydra entry point (conf/evaluate.yaml)."""
-    import hydra
-
-    @hydra.main(version_base="1.3", config_path=config_path(), config_name="evaluate")
+    @hydra_main("evaluate")
     def main(cfg: DictConfig) -> None:
         result = evaluate(cfg)
         if "fid" in result:

@@ -136,17 +136,62 @@ def untrusted_reason(path: str | os.PathLike, st: os.stat_result | None = None) 
     return None
 
 
-def _check_ancestors(path: Path) -> None:
-    """Every folder above ``path`` must be owned by this user or root and not writable by others, except sticky
-    folders such as /tmp (where nobody can rename an entry they do not own)."""
-    for parent in reversed(path.parents):
-        st = os.stat(parent)
-        if st.st_uid not in (os.geteuid(), 0):
-            raise UntrustedPathError(f"{parent} (above {path}) is owned by {_user(st.st_uid)}: they could replace "
-                                     f"{path}; use a folder under one owned by you or root")
-        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            raise UntrustedPathError(f"{parent} (above {path}) is writable by its group or by others (mode "
-                                     f"{stat.S_IMODE(st.st_mode):04o}, no sticky bit): they could replace {path}")
+def _check_folder(folder: Path, path: Path, st: os.stat_result) -> None:
+    """A folder above ``path`` must be owned by this user or root and not writable by others, except sticky folders
+    such as /tmp (where nobody can rename an entry they do not own)."""
+    if st.st_uid not in (os.geteuid(), 0):
+        raise UntrustedPathError(f"{folder} (above {path}) is owned by {_user(st.st_uid)}: they could replace "
+                                 f"{path}; use a folder under one owned by you or root")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise UntrustedPathError(f"{folder} (above {path}) is writable by its group or by others (mode "
+                                 f"{stat.S_IMODE(st.st_mode):04o}, no sticky bit): they could replace {path}")
+
+
+_MAX_LINKS = 40  # as the kernel's ELOOP limit
+
+
+def _trusted_parent(path: Path) -> tuple[Path, list[str]]:
+    """(the real folder above ``path`` that exists, the parts below it still to create), walking ``path.parent``
+    one entry at a time without following anything unchecked: every folder passed must pass
+    :func:`_check_folder`, and a symbolic link is followed only when this user or root owns it (a link someone
+    else planted, such as ``/tmp/gd-$USER`` pointing elsewhere, is refused, naming it and its owner)."""
+    pending = list(path.parent.parts[1:])
+    real = Path(path.anchor or "/")
+    _check_folder(real, path, os.stat(real))
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            real = real.parent  # ``real`` holds no link, so its parent is the one the kernel would use
+            continue
+        step = real / part
+        try:
+            st = os.lstat(step)
+        except FileNotFoundError:
+            if ".." in pending:  # only through a link's target; the kernel too fails on a missing folder's ..
+                raise UntrustedPathError(f"{path}: {step} does not exist, so the '..' after it leads nowhere")
+            return real, [p for p in (part, *pending) if p not in ("", ".")]
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in (os.geteuid(), 0):
+                raise UntrustedPathError(f"{step} (above {path}) is a symbolic link owned by {_user(st.st_uid)}, "
+                                         f"not by this user or root: they chose where it points; remove it or "
+                                         f"choose another directory")
+            links += 1
+            if links > _MAX_LINKS:
+                raise UntrustedPathError(f"{path}: more than {_MAX_LINKS} symbolic links on the way")
+            target = Path(os.readlink(step))
+            if target.is_absolute():
+                real = Path(target.anchor)
+                _check_folder(real, path, os.stat(real))
+            pending = [*target.parts[1 if target.is_absolute() else 0:], *pending]
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise UntrustedPathError(f"{step} (above {path}) is not a directory")
+        _check_folder(step, path, st)
+        real = step
+    return real, []
 
 
 def private_dir(path: str | os.PathLike) -> Path:
@@ -154,21 +199,30 @@ def private_dir(path: str | os.PathLike) -> Path:
 
     For caches whose content is trusted when read back (downloaded shards and their index, reference statistics):
     a shared, predictable path such as ``/tmp/gd-cache`` lets any local user plant that content first. Refused
-    with :class:`UntrustedPathError`: a symbolic link, a directory owned by someone else or writable by the
-    group or others, or a folder above it that someone else could rename. An existing directory of ours that
-    others may only read is narrowed to 0700.
+    with :class:`UntrustedPathError`: the directory or any folder it creates being a symbolic link, owned by
+    someone else or writable by the group or others; a folder above it that someone else could rename (owned by
+    them, or writable without the sticky bit); a symbolic link above it that someone else owns. Links above it
+    that this user or root made are followed. An existing directory of ours that others may only read is
+    narrowed to 0700.
     """
     path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
-    real = Path(os.path.realpath(path.parent)) / path.name
-    missing = [p for p in (real, *real.parents) if not os.path.lexists(p)]
-    _check_ancestors(missing[-1] if missing else real)
-    for part in reversed(missing):
+    parent, missing = _trusted_parent(path)
+    real = parent.joinpath(*missing, path.name)
+    for part in (parent.joinpath(*missing[:i]) for i in range(1, len(missing) + 1)):
         try:
             os.mkdir(part, 0o700)
-        except FileExistsError:
-            pass
+        except FileExistsError:  # made meanwhile: trusted only as a folder of ours nobody else can change
+            if (reason := untrusted_reason(part)) is not None or not os.path.isdir(part):
+                raise UntrustedPathError(f"{part} (above {path}) appeared while it was being created: "
+                                         f"{reason or 'not a directory'}") from None
         except OSError as err:
             raise UntrustedPathError(f"cannot create the private directory {real}: {err}") from err
+    try:
+        os.mkdir(real, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise UntrustedPathError(f"cannot create the private directory {real}: {err}") from err
     st = os.lstat(real)
     if not stat.S_ISDIR(st.st_mode):
         kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"

@@ -328,7 +328,8 @@ def load_sampling_model(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, d
     objective takes it (a released SiT through ``FromReverseTime``: it samples in the reverse time convention; a
     released DiT as it is). An export that records another objective than ``cfg.diffusion.objective`` is refused."""
     from gd.models import build_model
-    from gd.models.checkpoints import is_released, load_state, read_checkpoint, stored_objective, unpack_checkpoint
+    from gd.models.checkpoints import (build_checked, is_released, load_state, read_checkpoint, sidecar_config,
+                                       stored_objective, unpack_checkpoint)
 
     objective = sampling_objective(cfg)
     raw = read_checkpoint(path)
@@ -338,15 +339,12 @@ def load_sampling_model(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, d
                          f"diffusion.objective={objective.name}: use the run's own experiment (e.g. "
                          "+exp=groupdiff4_dit for a DDPM/DiT run, +exp=groupdiff4 for a flow/SiT one)")
     state, config, entry = unpack_checkpoint(raw, source=str(path))
-    sidecar = path.parent / "model.json"
-    if config is None and sidecar.is_file():
-        config = json.loads(sidecar.read_text())
+    if config is None:
+        config = sidecar_config(path)
     overrides = cfg.sample.get("model_overrides")
     runtime = dict(OmegaConf.to_container(overrides, resolve=True)) if overrides else {}
-    if config is not None:
-        config = {**config, **runtime}
-        model = build_model(config.pop("name"), **config)
-        load_state(model, state, source=f"{path} [{entry}]")
+    if config is not None:  # the file's own config: untrusted, checked before anything is allocated
+        model = build_checked({**config, **runtime} if isinstance(config, dict) else config, state, str(path), entry)
         source = "gd export"
     else:
         kw = OmegaConf.to_container(cfg.model, resolve=True)
@@ -620,11 +618,9 @@ def assemble(out: Path, layout: Layout, s: DictConfig) -> Path:
 
 def main() -> None:
     """``python -m gd.sample`` / ``gd-sample``: hydra entry point (conf/evaluate.yaml: the run config + ckpt)."""
-    import hydra
+    from gd.config import hydra_main
 
-    from gd.config import config_path
-
-    @hydra.main(version_base="1.3", config_path=config_path(), config_name="evaluate")
+    @hydra_main("evaluate")
     def main(cfg: DictConfig) -> None:
         result = generate(cfg)
         if result.get("npz"):

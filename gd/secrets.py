@@ -6,21 +6,24 @@ pickles. :func:`find_credentials` lists every config value that holds one (a lit
 assignment in a setup line, a ``user:password@`` URL, an Azure connection string, a token); the launcher refuses
 those. ``${oc.env:...}`` references are allowed where the value is only used at run time, and written redacted:
 :func:`redacted_yaml` is how a resolved config is stored, :func:`redact` how a command line or an error
-message is. Values are never echoed: a finding names the config key and the kind of credential only.
+message is. Values are never echoed: a finding names the config key and the kind of credential only. Hydra echoes
+override values in its own errors; :func:`redacted_output` is how the entry points keep those out of what they print.
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from typing import Any
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 REDACTED = "***"
 # A word of an environment-variable or config-key name that says its value is a credential (bounded by non-letters,
 # so `num_tokens` or `monkey` are not credentials, `HF_TOKEN` and `AWS_SECRET_ACCESS_KEY` are).
-_WORD = (r"(?<![A-Z])(?:SECRETS?|TOKEN|PASSWORD|PASSWD|PASSPHRASE|CREDENTIALS?|CONNECTION_?STRING|SAS"
-         r"|(?:API|ACCESS|ACCOUNT|PRIVATE|SESSION|STORAGE|SIGNING|ENCRYPTION|MASTER)_?KEY)(?![A-Z])")
+_WORD = (r"(?<![A-Z])(?:SECRETS?|TOKEN|PASSWORD|PASSWD|PASSPHRASE|CREDENTIALS?|CONNECTION[_-]?STRING|SAS"
+         r"|(?:API|ACCESS|ACCOUNT|PRIVATE|SESSION|STORAGE|SIGNING|ENCRYPTION|MASTER)[_-]?KEY)(?![A-Z])")
 _NAME = re.compile(_WORD, re.I)
 _ENV_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
 _ENV_REF = re.compile(r"\$\{oc\.env:([^,}]+)")
@@ -31,6 +34,8 @@ ASSIGNMENT = "a credential assignment"
 # The value of a NAME=value assignment: 6+ characters, not a shell reference ($VAR is expanded where the job runs and
 # stores nothing); an OmegaConf ${...} is resolved into what is written, so it counts.
 _VALUE = r"(?P<value>(?!\$(?!\{))[^\s,;\"']{6,})"
+# The same value in quotes (NAME="value", --name 'value'): anything up to the closing quote, spaces included.
+_QUOTED = r"(?P<quote>[\"'])(?P<value>(?!\$(?!\{))(?:(?!(?P=quote))[^\n]){6,}?)(?P=quote)"
 
 # (kind, pattern, group holding the secret or 0 for the whole match)
 _PATTERNS: tuple[tuple[str, re.Pattern, int | str], ...] = (
@@ -46,10 +51,12 @@ _PATTERNS: tuple[tuple[str, re.Pattern, int | str], ...] = (
     ("a bearer token", re.compile(r"\bbearer\s+(?P<value>[A-Za-z0-9._~+/=-]{8,})", re.I), "value"),
     ("an API token", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{20,}|hf_[A-Za-z0-9]{30,}"
                                 r"|xox[abposr]-[A-Za-z0-9-]{10,}|sk-[A-Za-z0-9_-]{20,})"), 0),
-    # NAME=value, NAME: value and --name value, where NAME holds a credential word.
-    (ASSIGNMENT, re.compile(r"(?P<name>[A-Za-z0-9_.-]*" + _WORD + r"[A-Za-z0-9_]*)\s*[=:]\s*" + _VALUE, re.I),
-     "value"),
-    (ASSIGNMENT, re.compile(r"(?P<name>--[A-Za-z0-9_-]*" + _WORD + r"[A-Za-z0-9_-]*)\s+" + _VALUE, re.I), "value"),
+    # NAME=value, NAME: value and --name value (each also with the value quoted), where NAME holds a credential
+    # word (--api-key as well as API_KEY).
+    *((ASSIGNMENT, re.compile(r"(?P<name>[A-Za-z0-9_.-]*" + _WORD + r"[A-Za-z0-9_-]*)\s*[=:]\s*" + value, re.I),
+       "value") for value in (_VALUE, _QUOTED)),
+    *((ASSIGNMENT, re.compile(r"(?P<name>--[A-Za-z0-9_-]*" + _WORD + r"[A-Za-z0-9_-]*)\s+" + value, re.I), "value")
+      for value in (_VALUE, _QUOTED)),
 )
 
 
@@ -75,9 +82,11 @@ def credential_kinds(text: str, *, rendered: bool = False) -> list[str]:
                 value = match.group("value")
                 if value.startswith("${") and not rendered:
                     continue
-                kinds.append(f"{kind} to {match.group('name')}")
+                found = f"{kind} to {match.group('name')}"
             else:
-                kinds.append(kind)
+                found = kind
+            if found not in kinds:  # a kind of several patterns (an assignment quoted or not) is listed once
+                kinds.append(found)
             break
     if rendered:
         kinds += [f"an interpolated credential ({ref})" for ref in _ENV_REF.findall(text) if is_credential_name(ref)]
@@ -182,3 +191,108 @@ def redact_argv(argv: list[str]) -> list[str]:
         else:
             out.append(redact(arg))
     return out
+
+
+_MIN_ECHOED = 4  # shorter override values are not searched for in output (they would mangle ordinary words)
+
+
+def argv_secrets(argv: list[str]) -> list[str]:
+    """The credential strings a command line holds, longest first: the value of each ``key=value`` override whose
+    key is named like a credential (quotes stripped, as hydra parses them), and each credential :func:`redact`
+    finds in an argument. Messages may echo such a value alone ("Value 'x' could not be converted")."""
+    found: set[str] = set()
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and is_credential_name(key.rsplit(".", 1)[-1]):
+            found.add(value.strip("\"'"))
+        for _, pattern, group in _PATTERNS:
+            for m in pattern.finditer(arg):
+                secret = m.group(group)
+                if not secret.startswith("${"):
+                    found.add(secret)
+    return sorted((f for f in found if len(f) >= _MIN_ECHOED), key=len, reverse=True)
+
+
+def output_redactor(argv: list[str]) -> Callable[[str], str]:
+    """A function removing from a text every credential :func:`redact` knows and every one ``argv`` holds."""
+    literal = argv_secrets(argv)
+
+    def clean(text: str) -> str:
+        text = redact(text)
+        for secret in literal:
+            text = text.replace(secret, REDACTED)
+        return text
+
+    return clean
+
+
+class _RedactingStream:
+    """A text stream writing whole lines through ``clean`` to ``stream``; while ``direct`` it writes straight
+    through (a job's own output: progress bars, logs)."""
+
+    def __init__(self, stream: TextIO, clean: Callable[[str], str]) -> None:
+        self.stream, self.clean, self.direct, self._pending = stream, clean, False, ""
+
+    def write(self, text: str) -> int:
+        if self.direct:
+            return self.stream.write(text)
+        head, newline, tail = (self._pending + text).rpartition("\n")
+        self._pending = tail
+        if newline:
+            self.stream.write(self.clean(head + newline))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self.stream.write(self.clean(self._pending))
+            self._pending = ""
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ... of the real stream
+        return getattr(self.stream, name)
+
+
+class OutputGuard:
+    """What :func:`redacted_output` yields: :meth:`passthrough` lets a block print unredacted."""
+
+    def __init__(self, streams: tuple[_RedactingStream, _RedactingStream]) -> None:
+        self.streams = streams
+
+    @contextmanager
+    def passthrough(self) -> Iterator[None]:
+        """Restore the real stdout/stderr inside the block; streams bound to the redacting ones meanwhile (hydra's
+        log handlers) write straight through too."""
+        out, err = self.streams
+        for s in self.streams:
+            s.flush()
+            s.direct = True
+        before = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out.stream, err.stream
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = before
+            for s in self.streams:
+                s.direct = False
+
+
+@contextmanager
+def redacted_output(argv: list[str]) -> Iterator[OutputGuard]:
+    """Within the block, what is printed to stdout and stderr has the credentials of ``argv`` (and any
+    :func:`redact` finds) replaced by ``***``, line by line; an exception escaping it (hydra raises its errors
+    with HYDRA_FULL_ERROR=1) is printed redacted too, and the process exits 1."""
+    import traceback
+
+    clean = output_redactor(argv)
+    real = sys.stdout, sys.stderr
+    streams = (_RedactingStream(real[0], clean), _RedactingStream(real[1], clean))
+    sys.stdout, sys.stderr = streams
+    try:
+        yield OutputGuard(streams)
+    except Exception:  # noqa: BLE001 - printed (redacted) instead of by the interpreter (verbatim)
+        traceback.print_exc()
+        raise SystemExit(1) from None
+    finally:
+        for s in streams:
+            s.flush()
+        sys.stdout, sys.stderr = real

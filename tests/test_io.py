@@ -74,3 +74,49 @@ def test_private_dir_creates_0700_and_refuses_what_others_could_change(tmp_path:
     assert not (open_dir / "cache").exists()
     os.chmod(open_dir, 0o1777)
     assert private_dir(open_dir / "cache") == open_dir / "cache"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a link owned by another user needs root (lchown)")
+def test_private_dir_refuses_a_link_above_it_that_another_user_planted(tmp_path: Path) -> None:
+    """Fails before the fix: the parent was resolved with realpath, so a sticky shared folder's ``gd-$USER`` link
+    owned by someone else, pointing at a folder of ours, was followed and the cache written where it points."""
+    from gd.io import UntrustedPathError, private_dir
+
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # like /tmp
+    elsewhere = tmp_path / "home" / "victim"
+    elsewhere.mkdir(parents=True)
+    planted = shared / "gd-user"
+    planted.symlink_to(elsewhere)
+    os.lchown(planted, 65534, 65534)
+    for target in (planted / "data", planted / "deeper" / "data"):
+        with pytest.raises(UntrustedPathError, match=r"gd-user \(above .*\) is a symbolic link owned by .*uid "
+                                                     r"65534.*not by this user or root"):
+            private_dir(target)
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a folder owned by another user needs root (chown)")
+def test_private_dir_checks_the_folders_a_trusted_link_leads_through(tmp_path: Path) -> None:
+    """A link of ours (e.g. ~/.cache -> /scratch/me/cache) is followed, and where it leads is checked like any
+    folder: one owned by someone else, or writable without the sticky bit, is refused."""
+    from gd.io import UntrustedPathError, private_dir
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (tmp_path / "cache").symlink_to(scratch)
+    assert private_dir(tmp_path / "cache" / "gd") == scratch / "gd"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    os.chown(foreign, 65534, 65534)
+    (tmp_path / "to_foreign").symlink_to("foreign")  # relative target
+    with pytest.raises(UntrustedPathError, match=r"foreign \(above .*\) is owned by .*uid 65534"):
+        private_dir(tmp_path / "to_foreign" / "gd")
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    (tmp_path / "to_open").symlink_to(open_dir)
+    with pytest.raises(UntrustedPathError, match=r"open \(above .*\) is writable .*no sticky bit"):
+        private_dir(tmp_path / "to_open" / "sub" / "gd")
+    assert list(open_dir.iterdir()) == [] and list(foreign.iterdir()) == []

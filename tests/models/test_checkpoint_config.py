@@ -71,3 +71,70 @@ def test_a_sound_export_still_loads(export, builds):
     assert builds == ["meta", "cpu"]
     x, t, y = inputs(2)
     torch.testing.assert_close(loaded(x, t, y), model(x, t, y), rtol=0, atol=0)
+
+
+# A config inside CONFIG_BOUNDS whose real model is ~40 GB (hidden 8192, depth 8, 1000 classes).
+LARGE = dict(input_size=32, in_channels=4, hidden_size=8192, depth=8, num_heads=16, num_classes=1000,
+             max_group_size=4, sample_embed="tokens")
+LOAD = """
+from gd.models import CheckpointError, load_model
+try:
+    load_model(sys.argv[1])
+except CheckpointError as err:
+    print("REFUSED", err)
+else:
+    print("LOADED")
+"""
+
+
+def large_shapes(**config) -> dict[str, torch.Size]:
+    from gd.models.sit import build_model  # not ckpt.build_model, which the `builds` fixture records
+
+    with torch.device("meta"):
+        return {k: v.shape for k, v in build_model("SiT-S/2", **config).state_dict().items()}
+
+
+def test_expanded_weights_are_refused_before_building(tmp_path):
+    """Fails before the fix: `torch.zeros(()).expand(shape)` keeps a 4-byte storage through torch.save/torch.load,
+    so a ~100 KB file had every shape of a ~40 GB model; the meta-device check passed and load_model allocated it
+    all (here: an allocation error under the address-space cap instead of the refusal)."""
+    from tests.memory_limit import run_capped
+
+    state = {k: torch.zeros(()).expand(shape) for k, shape in large_shapes(**LARGE).items()}
+    path = tmp_path / "ema.pt"
+    torch.save({"format": ckpt.FORMAT, "config": {"name": "SiT-S/2", **LARGE}, "model": state}, path)
+    assert path.stat().st_size < 200_000
+    done = run_capped(LOAD, str(path))
+    assert done.stdout.startswith("REFUSED"), done.stdout + done.stderr[-3000:]
+    first = next(iter(state))
+    assert f"tensor {first!r} (shape {tuple(state[first].shape)}, strides" in done.stdout
+    assert "has overlapping elements" in done.stdout
+
+
+def test_weights_sharing_one_storage_are_refused(tmp_path, builds):
+    """Fails before the fix: every weight a view of one storage as large as the largest weight passes a per-tensor
+    size check, yet the model built to fit them needs the sum (depth x the file, for a deep model)."""
+    config = dict(LARGE, hidden_size=128, depth=4, num_heads=4, num_classes=10)
+    shapes = large_shapes(**config)
+    flat = torch.zeros(max(s.numel() for s in shapes.values()))
+    state = {k: flat[:s.numel()].view(s) for k, s in shapes.items()}
+    path = tmp_path / "ema.pt"
+    torch.save({"format": ckpt.FORMAT, "config": {"name": "SiT-S/2", **config}, "model": state}, path)
+    with pytest.raises(CheckpointError, match=rf"need \d+ bytes but share a storage of {flat.numel() * 4} bytes"):
+        load_model(path)
+    assert builds == []
+
+
+def test_transposed_and_sliced_weights_still_load(export, tmp_path):
+    """Dense views that are not contiguous (a transpose, every other row of a larger tensor) store each element
+    once and are accepted."""
+    model, path = export
+    payload = torch.load(path, weights_only=True)
+    w = payload["model"]["final_layer.linear.weight"]
+    payload["model"]["final_layer.linear.weight"] = w.t().contiguous().t()
+    b = payload["model"]["final_layer.linear.bias"]
+    payload["model"]["final_layer.linear.bias"] = torch.stack([b, torch.zeros_like(b)], 1)[:, 0]
+    torch.save(payload, tmp_path / "views.pt")
+    loaded = load_model(tmp_path / "views.pt")
+    x, t, y = inputs(2)
+    torch.testing.assert_close(loaded(x, t, y), model(x, t, y), rtol=0, atol=0)

@@ -198,3 +198,27 @@ def test_deepspeed_checkpoints_load_weights_only(stage, precision, tmp_path):
         assert torch.equal(got[name], want[name]), f"{name} differs one step after the weights-only load"
     del fresh
     gc.collect()
+
+
+def test_launch_checks_trust_before_reading_a_checkpoint(tmp_path):
+    """Fails before the fix: gd.launch's resume check read the checkpoint's meta.json and config.yaml (through
+    whatever `latest` named) before any trust check, and launched; only the job refused the run."""
+    from omegaconf import open_dict
+
+    from gd.launch import LaunchError
+    from gd.launch.validate import validate
+    from tests.launch.conftest import compose_cfg
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / STEP
+    step.mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text(STEP)
+    (step / "meta.json").write_text('{"world_size": 8, "step": 2}')
+    (step / "config.yaml").write_text("train: {zero_stage: 2, precision: fp32, micro_batch: 8, global_batch: 64}\n")
+    os.chmod(step / "config.yaml", 0o666)
+    cfg = compose_cfg("+cluster=slurm", "+exp=groupdiff4", f"run.dir={run}")
+    with open_dict(cfg):
+        cfg.launcher.check_data = False
+    with pytest.raises(LaunchError, match=r"refusing to resume run .*\n  .*config\.yaml is writable by its group or "
+                                          r"by others \(mode 0666\)"):
+        validate(cfg)

@@ -75,6 +75,18 @@ def test_train_fails_before_any_work(tmp_path, extra, needle):
     assert not run.exists()
 
 
+
+def test_missing_shards_are_refused_before_the_run_dir_is_made(tmp_path):
+    """Fails before the fix: the run directory was created (for the nodes' shared-folder check) before the loaders
+    looked at data.root, so a start refused for its data left an empty run dir behind."""
+    from gd.train import train
+
+    run = tmp_path / "runs" / "run"
+    cfg = compose(*overrides(tmp_path / "no-shards", run))
+    with pytest.raises(FileNotFoundError, match=r"no shards at .*no-shards"):
+        train(cfg)
+    assert not (tmp_path / "runs").exists()
+
 def test_refuses_checkpoint_of_another_model(tmp_path):
     from gd.train import train
 
