@@ -30,6 +30,33 @@ def _single(cfg: DictConfig) -> None:
     except LaunchError as err:
         print(f"gd.launch: {err}", file=sys.stderr)
         _codes.append(2)
+    if cfg.launcher.dry_run or _codes[-1] != 0:
+        _remove_log_only_run_dir(cfg)
+
+
+def _remove_log_only_run_dir(cfg: DictConfig) -> None:
+    """A dry run or a refused launch writes nothing: hydra made the run folder for its log (hydra/launch.log) before
+    the launch was checked, so a run folder holding nothing else is removed again (and run.root if it is then empty).
+    """
+    import logging
+    import shutil
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    out, run = Path(HydraConfig.get().runtime.output_dir).resolve(), Path(str(cfg.run.dir)).resolve()
+    if out.parent != run or not run.is_dir() or [p.name for p in run.iterdir()] != [out.name]:
+        return
+    if any(not p.name.endswith(".log") for p in out.iterdir()):
+        return
+    for handler in logging.getLogger().handlers[:]:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == out:
+            handler.close()
+            logging.getLogger().removeHandler(handler)
+    shutil.rmtree(run)
+    root = Path(str(cfg.run.root)).resolve()
+    if run.parent == root and root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
 
 def sweep(overrides: list[str]) -> int:

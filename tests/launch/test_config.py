@@ -285,3 +285,16 @@ def test_finetune_experiments_are_their_rows(exp: str, objective: str, learn_sig
     assert (cfg.train.steps, cfg.train.global_batch, cfg.diffusion.group_size) == (steps, 256, 4)
     assert (cfg.diffusion.get("objective") or "flow", cfg.model.learn_sigma) == (objective, learn_sigma)
     assert cfg.train.init_from == f"{cfg.run.root}/pretrained/{file}"
+
+
+def test_dry_runs_and_refused_launches_write_nothing(tmp_path: Path) -> None:
+    """Before: both left runs/<name>/hydra/launch.log behind (hydra makes its output folder before the task)."""
+    ok = run_launch("+cluster=local", "+exp=demo", "launcher.dry_run=true", "launcher.check_data=false", cwd=tmp_path)
+    assert ok.returncode == 0 and "nothing was submitted" in ok.stdout, ok.stderr[-2000:]
+    refused = run_launch("+cluster=local", "+exp=demo", "train.micro_batch=7", cwd=tmp_path)
+    assert refused.returncode == 2 and "rejected, nothing was submitted" in refused.stderr
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "metrics.jsonl").write_text("{}\n")  # a real run's folder stays as it was
+    run_launch("+cluster=local", "+exp=demo", "launcher.dry_run=true", "launcher.check_data=false", cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "runs" / "demo").iterdir()) == ["hydra", "metrics.jsonl"]
