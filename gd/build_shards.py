@@ -18,7 +18,7 @@ from gd.config import hydra_main
 
 def main() -> None:
     """Hydra entry point (conf/build_shards.yaml); torch and the pipeline load only once a build starts."""
-    @hydra_main("build_shards")
+    @hydra_main("build_shards", groups=())  # it reads no config group (+cluster=... is refused)
     def _main(cfg: DictConfig) -> None:
         from gd.data.build import Builder, config_from_dict
 

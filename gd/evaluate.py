@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from gd.config import hydra_main, read_yaml
+from gd.config import hydra_main
 from gd.io import atomic_save_npy, atomic_write_bytes
 from gd.metrics.fid import feature_stats, frechet_distance, inception_score, precision_recall, reference_features
 from gd.metrics.inception import InceptionExtractor, build_inception
@@ -26,10 +26,8 @@ from gd.sample import Layout, _bind_device, _device, _paths, generate
 
 
 def metric_settings(cfg: DictConfig) -> DictConfig:
-    """conf/evaluate.yaml's ``metrics`` defaults overlaid with ``cfg.metrics`` (if any)."""
-    defaults = read_yaml("evaluate.yaml").metrics
-    given = cfg.get("metrics")
-    return OmegaConf.merge(defaults, given) if given is not None else defaults
+    """``cfg.metrics`` (conf/metrics/default.yaml, part of every composed config)."""
+    return cfg.metrics
 
 
 def resolve_modes(m: DictConfig) -> tuple[str, bool]:

@@ -37,10 +37,10 @@ def test_train_cfg_job_prints_the_composed_config_redacted(capsys, monkeypatch):
     from gd.train.__main__ import main
 
     monkeypatch.setenv("GD_TEST_API_TOKEN", "tok3nThatMustNotPrint12")
-    assert main(["--cfg", "job", "+exp=demo", "+data.api_token=${oc.env:GD_TEST_API_TOKEN}"]) == 0
+    assert main(["--cfg", "job", "+exp=demo", "+train.deepspeed.api_token=${oc.env:GD_TEST_API_TOKEN}"]) == 0
     out = capsys.readouterr().out
     assert "name: SiT-S/4" in out and "api_token: ${oc.env:GD_TEST_API_TOKEN}" in out
-    assert main(["--cfg=job", "--resolve", "+exp=demo", "+data.api_token=${oc.env:GD_TEST_API_TOKEN}"]) == 0
+    assert main(["--cfg=job", "--resolve", "+exp=demo", "+train.deepspeed.api_token=${oc.env:GD_TEST_API_TOKEN}"]) == 0
     out = capsys.readouterr().out
     assert "api_token: '***'" in out and "tok3nThatMustNotPrint12" not in out
 
@@ -62,3 +62,35 @@ def test_train_refuses_unknown_flags(capsys):
     assert main(["--bogus", "a=1"]) == 2
     err = capsys.readouterr().err
     assert "unknown flag '--bogus'" in err and "usage: python -m gd.train" in err
+
+
+@pytest.mark.parametrize("module,args,key", [
+    ("gd.launch", ["+cluster=local", "+exp=demo", "+train.micro_bach=16"], "train.micro_bach"),
+    ("gd.train", ["+train.micro_bach=16", "--cfg", "job"], "train.micro_bach"),
+    ("gd.evaluate", ["+metrics.refrence=x.npz", "ckpt=absent.pt"], "metrics.refrence"),
+    ("gd.build_shards", ["+cluster=slurm", "out=absent"], "cluster"),
+])
+def test_a_plus_key_no_conf_file_declares_is_refused(module, args, key, tmp_path):
+    """Before: `+train.micro_bach=16` (a typo, with the `+` hydra suggests) was accepted and ignored (rc 0), and so was
+    `gd-build-shards +cluster=slurm`, which then ran locally."""
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"gd.{module.split('.')[1]}: unknown key {key} " in done.stderr, done.stderr[-2000:]
+    if key == "train.micro_bach":
+        assert "did you mean train.micro_batch?" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plus_key_under_an_open_mapping_is_accepted():
+    from gd.config import compose_config, unknown_appends
+
+    overrides = ["+cluster=slurm", "+cluster.env.NCCL_IB_DISABLE=1", "+train.deepspeed.wall_clock_breakdown=true",
+                 "+exp=demo"]
+    assert unknown_appends(overrides, compose_config(overrides)) == []
+    bad = ["+cluster=slurm", "+cluster.partiton=gpu"]
+    assert unknown_appends(bad, compose_config(bad)) == [
+        "unknown key cluster.partiton (+cluster.partiton=...): no conf/ file declares it, so nothing would read it; "
+        "did you mean cluster.partition? (a '+' adds a config group or a key under an open mapping such as "
+        "cluster.env)"]

@@ -23,40 +23,14 @@ _codes: list[int] = []
 
 
 @hydra_main("config")
-def _single(cfg: DictConfig) -> None:
+def _single(cfg: DictConfig) -> int:
     # Return, never sys.exit, from inside hydra's task: hydra may run it again (and prints help, --cfg without it).
     try:
         _codes.append(launch(cfg))
     except LaunchError as err:
         print(f"gd.launch: {err}", file=sys.stderr)
         _codes.append(2)
-    if cfg.launcher.dry_run or _codes[-1] != 0:
-        _remove_log_only_run_dir(cfg)
-
-
-def _remove_log_only_run_dir(cfg: DictConfig) -> None:
-    """A dry run or a refused launch writes nothing: hydra made the run folder for its log (hydra/launch.log) before
-    the launch was checked, so a run folder holding nothing else is removed again (and run.root if it is then empty).
-    """
-    import logging
-    import shutil
-    from pathlib import Path
-
-    from hydra.core.hydra_config import HydraConfig
-
-    out, run = Path(HydraConfig.get().runtime.output_dir).resolve(), Path(str(cfg.run.dir)).resolve()
-    if out.parent != run or not run.is_dir() or [p.name for p in run.iterdir()] != [out.name]:
-        return
-    if any(not p.name.endswith(".log") for p in out.iterdir()):
-        return
-    for handler in logging.getLogger().handlers[:]:
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == out:
-            handler.close()
-            logging.getLogger().removeHandler(handler)
-    shutil.rmtree(run)
-    root = Path(str(cfg.run.root)).resolve()
-    if run.parent == root and root.is_dir() and not any(root.iterdir()):
-        root.rmdir()
+    return _codes[-1]
 
 
 def sweep(overrides: list[str]) -> int:
@@ -64,7 +38,7 @@ def sweep(overrides: list[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from gd.config import compose_config
+    from gd.config import compose_config, unknown_appends
     from gd.launch.submit import launch_sweep
     from gd.launch.sweep import expand
     from gd.logs import configure_logging
@@ -77,10 +51,14 @@ def sweep(overrides: list[str]) -> int:
     members = []
     for member in expand(overrides):
         try:
-            members.append((member.label, compose_config(member.overrides)))
+            cfg = compose_config(member.overrides)
         except (HydraException, OmegaConfBaseException) as err:
             raise LaunchError(f"sweep member {member.label or ' '.join(member.overrides)} does not compose: "
                               f"{err}") from err
+        unknown = unknown_appends(member.overrides, cfg)
+        if unknown:
+            raise LaunchError("; ".join(unknown))
+        members.append((member.label, cfg))
     return launch_sweep(members)
 
 

@@ -233,8 +233,8 @@ def _check_sampling(cfg: DictConfig) -> list[str]:
     except ValueError as err:
         problems.append(f"{err} ({world_size(cfg.cluster)} processes)")
     if cfg.task == "evaluate" and not OmegaConf.select(cfg, "metrics.reference"):
-        problems.append("task=evaluate needs a FID reference: +metrics.reference=<image folder | .npz | "
-                        "cleanfid:<name>:<res>:<split>> (other metric settings: conf/evaluate.yaml, as +metrics.*)")
+        problems.append("task=evaluate needs a FID reference: metrics.reference=<image folder | .npz | "
+                        "cleanfid:<name>:<res>:<split>> (other metric settings: conf/metrics/default.yaml)")
     return problems
 
 

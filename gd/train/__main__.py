@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from gd.config import compose_config, config_groups
+from gd.config import compose_config, config_groups, unknown_appends
 from gd.logs import configure_logging, env_rank
 
 USAGE = """usage: python -m gd.train [--cfg job [--resolve]] [key=value ...]
@@ -123,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         # Every rank composes the same config, so rank 0 fails too and fails the job. A failing rank 1 would make
         # torchrun tear the group down, possibly before rank 0 has said what is wrong.
+        return 0
+    unknown = unknown_appends(args.overrides, cfg)
+    if unknown:
+        if rank == 0:
+            print("\n".join(f"gd.train: {clean(p)}" for p in unknown), file=sys.stderr)
+            return 2
         return 0
     if args.cfg is not None:
         if rank == 0:

@@ -195,7 +195,7 @@ def model_signature(model_cfg: Any) -> dict[str, Any]:
     """The parts of cfg.model that fix the parameter shapes; runtime options (backend, checkpointing) excluded."""
     cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
     runtime = {"attn_backend", "grad_checkpointing", "group_t_window", "group_layers", "class_dropout_prob"}
-    return {k: v for k, v in sorted(cfg.items()) if k not in runtime}
+    return {k: v for k, v in sorted(cfg.items()) if k not in runtime and v is not None}  # null: the size's default
 
 
 class CheckpointManager:

@@ -5,7 +5,7 @@ from typing import Any
 
 BENCH_ARGS = ["model=sit_s2", "model.input_size=8", "model.in_channels=1", "model.num_classes=10",
               "model.learn_sigma=false", "model.max_group_size=4", "bench.narrow={hidden_size: 32, num_heads: 2}",
-              "+model.depth=6", "bench.batch=8", "bench.steps=1", "bench.warmup=1",
+              "model.depth=6", "bench.batch=8", "bench.steps=1", "bench.warmup=1",
               "train.weight_decay=0.01"]
 
 

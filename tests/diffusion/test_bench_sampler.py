@@ -13,8 +13,8 @@ from gd.bench.sampler import run  # noqa: E402
 from gd.diffusion.plan import BatchPlan  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-TINY = ["model=sit_s2", "model.input_size=8", "model.in_channels=1", "model.num_classes=4", "+model.depth=2",
-        "+model.hidden_size=64", "+model.num_heads=4", "bench.batch_groups=2", "bench.methods=[euler,heun,sde]",
+TINY = ["model=sit_s2", "model.input_size=8", "model.in_channels=1", "model.num_classes=4", "model.depth=2",
+        "model.hidden_size=64", "model.num_heads=4", "bench.batch_groups=2", "bench.methods=[euler,heun,sde]",
         "bench.steps.euler=6", "bench.steps.heun=3", "bench.steps.sde=6", "bench.precision=fp32",
         "bench.device=cpu", "bench.iters=1", "bench.warmup=0"]
 

@@ -175,12 +175,12 @@ def test_entry_points_do_not_echo_a_secret_override_when_the_config_does_not_com
 def test_a_failing_job_does_not_echo_a_secret_override(tmp_path, full_error):
     """Fails before the fix: "Error executing job with overrides: ['+data.api_token=<the secret>', ...]" after any
     failure in the job (here a missing checkpoint), and with HYDRA_FULL_ERROR=1 the raised composition error."""
-    done = _entry("gd.sample", f"+data.api_token={SECRET}", f"ckpt={tmp_path / 'missing.pt'}",
+    done = _entry("gd.sample", f"+sample.model_overrides.api_token={SECRET}", f"ckpt={tmp_path / 'missing.pt'}",
                   HYDRA_FULL_ERROR=full_error)
     printed = done.stdout + done.stderr
     assert done.returncode != 0 and "missing.pt' does not exist" in printed, printed
     if full_error == "0":
-        assert "Error executing job with overrides: ['+data.api_token=***'" in printed, printed
+        assert "Error executing job with overrides: ['+sample.model_overrides.api_token=***'" in printed, printed
     assert SECRET not in printed, printed
 
 

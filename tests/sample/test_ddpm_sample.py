@@ -207,7 +207,7 @@ def test_groupdiff4_dit_composes_to_the_released_dit_evaluation(tmp_path):
     path = tmp_path / "gdiff-l-4-dit-xl-2.pth"
     released_checkpoint(path, model, model)
     run = compose_cfg(["+exp=groupdiff4_dit", f"ckpt={path}", f"sample.out={tmp_path / 'out'}",
-                       f"run.root={tmp_path}/runs", "+model.hidden_size=32", "+model.depth=1", "+model.num_heads=2",
+                       f"run.root={tmp_path}/runs", "model.hidden_size=32", "model.depth=1", "model.num_heads=2",
                        "model.name=SiT-S/2", "model.input_size=8", "model.in_channels=3", "model.num_classes=10",
                        "sample.decoder=pixels", "sample.num_images=20", "sample.batch_groups=3", "sample.steps=5",
                        "sample.precision=fp32", "sample.device=cpu", "sample.progress=false", "sample.png=false"])

@@ -12,7 +12,7 @@ from tests.sample.conftest import compose_cfg
 
 # A tiny SiT in the released checkpoint's shape (learn_sigma off, "cond" sample table of 4 rows), 3 channels so the
 # released guidance on the first 3 channels applies, decoded as pixels.
-TINY_RELEASED = ["model.name=SiT-S/2", "+model.hidden_size=32", "+model.depth=1", "+model.num_heads=2",
+TINY_RELEASED = ["model.name=SiT-S/2", "model.hidden_size=32", "model.depth=1", "model.num_heads=2",
                  "model.input_size=8", "model.in_channels=3", "model.num_classes=10", "model.learn_sigma=false",
                  "sample.decoder=pixels", "sample.num_images=20", "sample.batch_groups=3", "sample.steps=5",
                  "sample.precision=fp32", "sample.device=cpu", "sample.progress=false", "sample.png=false"]

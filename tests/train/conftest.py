@@ -17,8 +17,8 @@ from tests.fixtures.shm import clean_streaming_shm  # noqa: F401  (re-exported f
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "train=tiny", "model.input_size=8", "model.in_channels=1", "model.num_classes=10", "+model.hidden_size=64",
-    "+model.depth=2", "+model.num_heads=4", "model.max_group_size=4", "model.learn_sigma=false",
+    "train=tiny", "model.input_size=8", "model.in_channels=1", "model.num_classes=10", "model.hidden_size=64",
+    "model.depth=2", "model.num_heads=4", "model.max_group_size=4", "model.learn_sigma=false",
     "diffusion=groupdiff_l", "diffusion.group_size=4", "diffusion.p_group=0.25", "data.shuffle=true",
 ]
 
