@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from gd.distributed import env as _env
 from gd.io import atomic_path, atomic_write_bytes
 from gd.rng import mix_seed, seeded_generator
 
@@ -360,27 +361,6 @@ def load_sampling_model(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, d
 # ------------------------------------------------------------------------------------------------ sampling
 
 
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
-
-
-def _device(spec: str) -> torch.device:
-    """Device spec "auto" or "cuda" -> this process's GPU, cuda:(LOCAL_RANK % device_count), so sites binding one
-    GPU per task (device_count 1) and multi-GPU nodes both work; "auto" without CUDA -> CPU; else as given."""
-    if spec in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", _env_int("LOCAL_RANK", 0) % torch.cuda.device_count())
-    if spec == "auto":
-        return torch.device("cpu")
-    return torch.device(spec)
-
-
-def _bind_device(device: torch.device) -> None:
-    """Make a CUDA device the current one: otherwise plain "cuda" allocations (xformers' build check, library
-    workspaces) land on GPU 0 while the model sits on cuda:LOCAL_RANK."""
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-
-
 def group_sizes(s: DictConfig) -> tuple[int, int]:
     """(conditional, unconditional) group sizes of ``cfg.sample``'s mode, as the batch plan defines them."""
     from gd.diffusion.plan import BatchPlan
@@ -459,8 +439,8 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
     ``model`` (an in-memory SiT, e.g. for benchmarks) replaces loading ``ckpt``; ``on_chunk(chunk, images)`` is
     called after each finished chunk (timing hooks)."""
     s = cfg.sample
-    rank = _env_int("RANK", 0) if rank is None else rank
-    world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+    rank = _env.rank() if rank is None else rank
+    world_size = _env.world_size() if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     _check_sample_cfg(cfg)
@@ -468,8 +448,8 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
     replica, replicas = rank // p, world_size // p
     ckpt = checkpoint_path(cfg) if model is None else None
     out = Path(str(s.out)).expanduser()
-    device = _device(str(s.get("device", "auto")))
-    _bind_device(device)
+    device = _env.local_device(str(s.get("device", "auto")))
+    _env.bind_device(device)
     if s.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
