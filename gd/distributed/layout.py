@@ -48,12 +48,12 @@ def _members_error(n: int, p: int, section: str) -> str:
 @dataclass(frozen=True)
 class ParallelLayout:
     """``world`` ranks in replicas of ``group_parallel`` P, groups of ``group_size`` N, a model of ``heads``
-    attention heads (None: not checked) under ``impl``; ``section`` ("train", "sample" or "") says which config
+    attention heads under ``impl`` (N or heads None: not checked); ``section`` ("train", "sample" or "") says which config
     keys the errors name. Build it with :meth:`resolve`, which checks it."""
 
     world: int
     group_parallel: int = 1
-    group_size: int = 1
+    group_size: int | None = None
     heads: int | None = None
     impl: str = "ulysses"
     section: str = ""
@@ -70,7 +70,7 @@ class ParallelLayout:
         if p > 1 and world % p:
             out.append(f"{degree_key}={p} does not divide the {world} processes: a group-parallel group is {p} "
                        f"consecutive ranks")
-        if p > 1 and n % p:
+        if p > 1 and n is not None and n % p:
             out.append(_members_error(n, p, self.section))
         if p > 1 and self.heads is not None and self.impl in IMPLS:
             try:
@@ -80,12 +80,12 @@ class ParallelLayout:
         return out
 
     @classmethod
-    def resolve(cls, world: int, group_parallel: object = 1, group_size: int = 1, heads: int | None = None,
+    def resolve(cls, world: int, group_parallel: object = 1, group_size: int | None = None, heads: int | None = None,
                 impl: str | None = None, section: str = "") -> ParallelLayout:
         """The layout, checked: a ValueError naming every broken rule ("; "-joined). ``group_parallel`` and ``impl``
         None mean the defaults (1, ulysses)."""
         layout = cls(int(world), 1 if group_parallel is None else group_parallel,  # type: ignore[arg-type]
-                     int(group_size), heads, impl or "ulysses", section)
+                     None if group_size is None else int(group_size), heads, impl or "ulysses", section)
         problems = layout.problems()
         if problems:
             raise ValueError("; ".join(problems))
@@ -99,6 +99,8 @@ class ParallelLayout:
     @property
     def members(self) -> int:
         """Members of each group a rank holds: N/P."""
+        if self.group_size is None:
+            raise ValueError("ParallelLayout.members: the layout has no group_size")
         return members_per_rank(self.group_size, self.group_parallel)
 
     def replica(self, rank: int) -> int:
