@@ -19,10 +19,11 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from gd.config import hydra_main
+from gd.distributed import env as _env
 from gd.io import atomic_save_npy, atomic_write_bytes
 from gd.metrics.fid import feature_stats, frechet_distance, inception_score, precision_recall, reference_features
 from gd.metrics.inception import InceptionExtractor, build_inception
-from gd.sample import Layout, _bind_device, _device, _paths, generate
+from gd.sample import Layout, _paths, generate
 
 
 def metric_settings(cfg: DictConfig) -> DictConfig:
@@ -87,9 +88,9 @@ def evaluate(cfg: DictConfig) -> dict:
     """Sample (all ranks) then compute and write the metrics (rank 0). Returns the JSON dict (rank 0)."""
     m = metric_settings(cfg)
     _check_reference(m)
-    rank = int(os.environ.get("RANK", "0"))
-    device = _device(str(m.device))
-    _bind_device(device)
+    rank = _env.rank()
+    device = _env.local_device(str(m.device))
+    _env.bind_device(device)
     mode, use_precomputed = resolve_modes(m)
     extractor = build_inception(m.inception, mode, m.get("inception_path"), device) if rank == 0 else None
     started = time.time()

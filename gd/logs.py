@@ -7,19 +7,16 @@ handler until someone adds one, and Python then prints only warnings and errors:
 from __future__ import annotations
 
 import logging
-import os
 import sys
+
+from gd.distributed import env as _env
 
 FORMAT = "%(asctime)s [rank {rank}] %(name)s %(levelname)s: %(message)s"
 
 
 def env_rank() -> int:
-    """This process's global rank from the launcher's environment (torchrun, DeepSpeed, SLURM), 0 if none."""
-    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return 0
+    """This process's global rank from the launcher's environment (:func:`gd.distributed.env.rank`), 0 if none."""
+    return _env.rank()
 
 
 def configure_logging(rank: int | None = None) -> None:

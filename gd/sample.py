@@ -53,6 +53,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from gd.distributed import env as _env
+from gd.distributed.layout import ParallelLayout
 from gd.io import atomic_path, atomic_write_bytes
 from gd.rng import mix_seed, seeded_generator
 
@@ -179,22 +181,11 @@ class MemberSplit:
         return self.ctx.gather_members(out, self.group_size)
 
 
-def group_parallel_degree(s: DictConfig, world_size: int) -> int:
-    """``sample.group_parallel`` P, checked against the world and the group size (the layout's N, which both CFG
-    branches' batches are made of): a ValueError naming the values."""
-    p = s.get("group_parallel") or 1
-    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-        raise ValueError(f"sample.group_parallel={p!r}: expected a positive integer")
-    if p == 1:
-        return 1
-    n = int(s.group_size)
-    if n % p:
-        raise ValueError(f"sample.group_size={n} is not divisible by sample.group_parallel={p}: each of the P ranks "
-                         f"of a group-parallel group holds N/P members of every group; use a P that divides {n}")
-    if world_size % p:
-        raise ValueError(f"sample.group_parallel={p} does not divide the {world_size} processes: a group-parallel "
-                         f"group is {p} consecutive ranks")
-    return p
+def sample_layout(s: DictConfig, world_size: int, heads: int | None = None) -> ParallelLayout:
+    """``cfg.sample``'s group-parallel layout on ``world_size`` processes (P = ``sample.group_parallel``, N = the
+    layout's group size, which both CFG branches' batches are made of), checked: a ValueError naming the values."""
+    return ParallelLayout.resolve(world_size, s.get("group_parallel") or 1, int(s.group_size), heads,
+                                  s.get("group_parallel_impl"), section="sample")
 
 
 def _group_parallel(p: int, impl: str, rank: int, world_size: int, device: torch.device) -> GroupParallel:
@@ -360,27 +351,6 @@ def load_sampling_model(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, d
 # ------------------------------------------------------------------------------------------------ sampling
 
 
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
-
-
-def _device(spec: str) -> torch.device:
-    """Device spec "auto" or "cuda" -> this process's GPU, cuda:(LOCAL_RANK % device_count), so sites binding one
-    GPU per task (device_count 1) and multi-GPU nodes both work; "auto" without CUDA -> CPU; else as given."""
-    if spec in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", _env_int("LOCAL_RANK", 0) % torch.cuda.device_count())
-    if spec == "auto":
-        return torch.device("cpu")
-    return torch.device(spec)
-
-
-def _bind_device(device: torch.device) -> None:
-    """Make a CUDA device the current one: otherwise plain "cuda" allocations (xformers' build check, library
-    workspaces) land on GPU 0 while the model sits on cuda:LOCAL_RANK."""
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-
-
 def group_sizes(s: DictConfig) -> tuple[int, int]:
     """(conditional, unconditional) group sizes of ``cfg.sample``'s mode, as the batch plan defines them."""
     from gd.diffusion.plan import BatchPlan
@@ -459,17 +429,17 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
     ``model`` (an in-memory SiT, e.g. for benchmarks) replaces loading ``ckpt``; ``on_chunk(chunk, images)`` is
     called after each finished chunk (timing hooks)."""
     s = cfg.sample
-    rank = _env_int("RANK", 0) if rank is None else rank
-    world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+    rank = _env.rank() if rank is None else rank
+    world_size = _env.world_size() if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     _check_sample_cfg(cfg)
-    p = group_parallel_degree(s, world_size)
-    replica, replicas = rank // p, world_size // p
+    parallel = sample_layout(s, world_size)
+    p, replica, replicas = parallel.group_parallel, parallel.replica(rank), parallel.replicas
     ckpt = checkpoint_path(cfg) if model is None else None
     out = Path(str(s.out)).expanduser()
-    device = _device(str(s.get("device", "auto")))
-    _bind_device(device)
+    device = _env.local_device(str(s.get("device", "auto")))
+    _env.bind_device(device)
     if s.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -497,7 +467,7 @@ def generate(cfg: DictConfig, rank: int | None = None, world_size: int | None = 
 
     ctx = None
     if p > 1:
-        ctx = _group_parallel(p, str(s.get("group_parallel_impl") or "ulysses"), rank, world_size, device)
+        ctx = _group_parallel(p, parallel.impl, rank, world_size, device)
         model.set_group_parallel(ctx)  # through FromReverseTime too; refuses heads P does not divide (Ulysses)
     writes = ctx is None or ctx.rank == 0  # the replica's first rank decodes and writes its chunks
 

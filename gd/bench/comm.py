@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from gd.distributed import env as _env
+
 DEFAULTS = {
     "model": "sit_s2", "input_size": 32, "micro_batch": 8, "global_batch": None, "precision": "fp32",
     "zero_stage": 2, "steps": 5, "warmup": 2, "bucket": 5.0e8,
@@ -32,15 +34,16 @@ DEFAULTS = {
 
 def _env_from_slurm() -> None:
     """torch.distributed's variables from a bare `srun` step (no-op under torchrun or submitit)."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+    place = _env.place()
+    if place.source != "slurm":
         return
     from gd.launch.job import rendezvous_port
 
     hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]], capture_output=True,
                            text=True, check=True).stdout.split()
     step = f"comm-{os.environ.get('SLURM_STEP_ID', 0)}"
-    os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                      LOCAL_RANK=os.environ["SLURM_LOCALID"], MASTER_ADDR=hosts[0],
+    os.environ.update(RANK=str(place.rank), WORLD_SIZE=str(place.world_size), LOCAL_RANK=str(place.local_rank),
+                      MASTER_ADDR=hosts[0],
                       MASTER_PORT=str(rendezvous_port(os.environ["SLURM_JOB_ID"], step)))
 
 
@@ -86,7 +89,7 @@ def _sync() -> None:
 
 
 def measure(b: Any, overlap: bool, reduce_scatter: bool) -> dict[str, Any]:
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    world = dist.get_world_size() if dist.is_initialized() else _env.world_size()
     trainer = _trainer(b, overlap, reduce_scatter, world)
     params = sum(p.numel() for p in trainer.model.parameters())
     for step in range(int(b.warmup)):

@@ -21,13 +21,15 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from gd.distributed.env import local_device
+
 Save = Callable[[dict[str, Any]], None]
 REPO = Path(__file__).resolve().parents[2]
 DATASHEET_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
 
 
 def _device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return local_device("auto")
 
 
 def _seconds(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> list[float]:

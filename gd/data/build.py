@@ -32,7 +32,8 @@ from gd.data import grouping, shards, storage
 from gd.data.embedders import build_embedder, embedding_dim
 from gd.data.encoders import build_encoder
 from gd.data.sources import build_source
-from gd.device import local_device
+from gd.distributed import env as _env
+from gd.distributed.env import local_device
 from gd.io import atomic_save_npy
 
 STAGES = ("read", "encode", "embed", "retrieve", "write")
@@ -490,8 +491,8 @@ def resolve_rank_world(rank: int | None = None, world: int | None = None,
 
     * a SLURM job array, whose task ids need not start at 0 (--array=1-8, --array=0-14:2): array rank
       (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) // STEP of SLURM_ARRAY_TASK_COUNT; and
-    * the processes of one job: torchrun's RANK / WORLD_SIZE, else the tasks of an srun step (SLURM_PROCID of
-      SLURM_STEP_NUM_TASKS, set only inside srun, so a batch script run directly stays one process);
+    * the processes of one job, by :func:`gd.distributed.env.place` (torchrun's RANK / WORLD_SIZE, else the tasks
+      of an srun step, SLURM_PROCID of SLURM_STEP_NUM_TASKS), the rule the trainer and sampling use;
 
     so rank = array rank x processes + process rank, world = array count x processes; 0 / 1 without any of them."""
     env = os.environ if env is None else env
@@ -505,12 +506,8 @@ def resolve_rank_world(rank: int | None = None, world: int | None = None,
         array_rank, arrays = (task - lo) // step, count
     else:
         array_rank, arrays = 0, 1
-    if "RANK" in env and "WORLD_SIZE" in env:
-        proc, procs = int(env["RANK"]), int(env["WORLD_SIZE"])
-    elif "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
-        proc, procs = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
-    else:
-        proc, procs = 0, 1
+    process = _env.place(env)
+    proc, procs = process.rank, process.world_size
     auto_rank, auto_world = array_rank * procs + proc, arrays * procs
     return (auto_rank if rank is None else int(rank)), (auto_world if world is None else int(world))
 

@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from gd.device import local_device
+from gd.distributed.env import local_device
 
 SD_VAE_SCALE = 0.18215
 

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gd.distributed.layout import ParallelLayout, members_per_rank
 from gd.rng import mix_seed, seeded_generator
 
 MODES = ("l", "f", "none")
@@ -122,13 +123,7 @@ def batch_layout(train_cfg: Mapping[str, Any], world_size: int, group_size: int 
     if max_group_size is not None and n > max_group_size:
         errors.append(f"diffusion.group_size={n} exceeds model.max_group_size={max_group_size} "
                       "(the sample embedding has one row per group member)")
-    if p > 1 and world % p:
-        errors.append(f"train.group_parallel={p} does not divide the {world} processes: a group-parallel group "
-                      f"is {p} consecutive ranks")
-    if p > 1 and n % p:
-        what = "a run without groups (group size 1)" if n == 1 else "each of its ranks holds N/P members of every group"
-        errors.append(f"diffusion.group_size={n} is not divisible by train.group_parallel={p}: {what}; use a P "
-                      f"that divides {n}" + (" or train.group_parallel=1" if n > 1 else ""))
+    errors += ParallelLayout(world, p, n, section="train").problems()  # P divides the world and N
     splits = world % p == 0 and n % p == 0
     if gb % n:
         errors.append(f"train.global_batch={gb} is not divisible by diffusion.group_size={n}: "
@@ -176,11 +171,7 @@ class Shard:
 
     def members(self, group_size: int) -> int:
         """Images of each group (N > 1) or rows per image (N = 1) this rank holds: N/P, or 1."""
-        if group_size == 1:
-            return 1
-        if group_size % self.parts:
-            raise ValueError(f"group_size N={group_size} is not divisible by group_parallel P={self.parts}")
-        return group_size // self.parts
+        return 1 if group_size == 1 else members_per_rank(group_size, self.parts)
 
     def take(self, x: Tensor, group_size: int) -> Tensor:
         """This rank's rows of the replica-level ``x`` (B, ...) (B = G*N, group-major); 0-d tensors pass as they
@@ -413,9 +404,3 @@ class BatchPlan:
         """A generator for the step's time and noise draws, seeded from (seed, step, replica, micro): the P ranks
         of a replica draw alike (for the replica's whole micro-batch) and each takes its rows (:class:`Shard`)."""
         return seeded_generator(self.seed, _TAG_NOISE, int(step), self.replica(rank), int(micro), device=device)
-
-    def group_fraction(self, steps: int, start: int = 0, world_size: int = 1) -> float:
-        """Fraction of null-label micro-batches among those of `steps` steps from `start` (the empirical p_group)."""
-        nulls = sum(self.micro(s, r, m).null_labels for s in range(start, start + steps)
-                    for r in range(world_size) for m in range(self.accum))
-        return nulls / max(steps * world_size * self.accum, 1)

@@ -9,11 +9,13 @@ submitit's pickles.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from gd.distributed.layout import ParallelLayout
 from gd.launch.errors import LaunchError
 from gd.secrets import find_credentials, looks_like_credential, redact
 
@@ -123,24 +125,22 @@ def _check_batch(cfg: DictConfig) -> list[str]:
     except ValueError as err:
         lines = [line.strip() for line in str(err).splitlines()[1:]] or [str(err)]
         return [f"{line} ({ranks})" if "processes" in line else line for line in lines]
-    return _check_heads(cfg.model, layout.group_parallel, cfg.train.get("group_parallel_impl"), "train")
+    return _layout_problems(cfg.model, ParallelLayout(world, layout.group_parallel, plan.train_group_size,
+                                                      impl=cfg.train.get("group_parallel_impl") or "ulysses",
+                                                      section="train"))
 
 
-def _check_heads(model: DictConfig, degree: int, impl: str | None, section: str) -> list[str]:
-    """Group parallelism's implementation, and (Ulysses) that P divides the model's attention heads."""
-    from gd.models.group_parallel import IMPLS, check_heads
+def _layout_problems(model: DictConfig, layout: ParallelLayout) -> list[str]:
+    """``layout``'s problems with the model's attention heads filled in (Ulysses needs P | heads); a heads problem
+    names the model and the keys to change."""
     from gd.models.sit import size_defaults
 
-    impl = impl or "ulysses"
-    if impl not in IMPLS:
-        return [f"{section}.group_parallel_impl={impl!r}: expected one of {', '.join(IMPLS)}"]
-    if degree == 1:
-        return []
-    try:
-        check_heads(int(model.get("num_heads") or size_defaults(str(model.name))["num_heads"]), degree, impl)
-    except ValueError as err:
-        return [f"{err} (model {model.name}; {section}.group_parallel={degree}, {section}.group_parallel_impl)"]
-    return []
+    if layout.group_parallel != 1 and isinstance(layout.group_parallel, int):
+        heads = int(model.get("num_heads") or size_defaults(str(model.name))["num_heads"])
+        layout = dataclasses.replace(layout, heads=heads)
+    s = layout.section
+    return [f"{line} (model {model.name}; {s}.group_parallel={layout.group_parallel}, {s}.group_parallel_impl)"
+            if line.startswith("num_heads=") else line for line in layout.problems()]
 
 
 def _check_resume(cfg: DictConfig, warnings: list[str]) -> list[str]:
@@ -225,13 +225,11 @@ def _check_sampling(cfg: DictConfig) -> list[str]:
     elif not is_url(ckpt) and not Path(ckpt).is_file():
         problems.append(f"sample.ckpt={ckpt} does not exist: train the run first (task=train) or point "
                         "sample.ckpt at an exported ema.pt")
-    from gd.sample import group_parallel_degree
-
-    try:
-        degree = group_parallel_degree(cfg.sample, world_size(cfg.cluster))
-        problems += _check_heads(cfg.model, degree, cfg.sample.get("group_parallel_impl"), "sample")
-    except ValueError as err:
-        problems.append(f"{err} ({world_size(cfg.cluster)} processes)")
+    world = world_size(cfg.cluster)
+    layout = ParallelLayout(world, cfg.sample.get("group_parallel") or 1, int(cfg.sample.group_size),
+                            impl=cfg.sample.get("group_parallel_impl") or "ulysses", section="sample")
+    problems += [line if line.startswith(("num_heads=", "sample.group_parallel_impl")) else
+                 f"{line} ({world} processes)" for line in _layout_problems(cfg.model, layout)]
     if cfg.task == "evaluate" and not OmegaConf.select(cfg, "metrics.reference"):
         problems.append("task=evaluate needs a FID reference: metrics.reference=<image folder | .npz | "
                         "cleanfid:<name>:<res>:<split>> (other metric settings: conf/metrics/default.yaml)")

@@ -58,9 +58,9 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
+from gd.distributed.layout import IMPLS, ParallelLayout, check_heads, members_per_rank
 from gd.models.attention import _attend, attend
 
-IMPLS = ("ulysses", "allgather")
 
 # torch 2.14 renamed the tensor all-gathers to *_single; the GPU machines run torch 2.11.
 _all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
@@ -121,50 +121,22 @@ class GroupParallel:
         return full.reshape(self.degree, x.shape[0] // m, m, *rest).transpose(0, 1).reshape(-1, *rest)
 
 
-def members_per_rank(group_size: int, degree: int) -> int:
-    """N/P, or a clear error when P does not divide N."""
-    if degree < 1:
-        raise ValueError(f"group_parallel P={degree}: expected >= 1")
-    if group_size % degree:
-        raise ValueError(
-            f"group_size N={group_size} is not divisible by group_parallel P={degree}: each of the P ranks of a "
-            f"group-parallel group holds N/P members of every group"
-        )
-    return group_size // degree
-
-
-def check_heads(num_heads: int, degree: int, impl: str) -> None:
-    """Ulysses gives each rank H/P heads: a clear error naming both when P does not divide H."""
-    if impl == "ulysses" and num_heads % degree:
-        raise ValueError(
-            f"num_heads={num_heads} is not divisible by group_parallel P={degree}: Ulysses gives each rank H/P "
-            f"heads; use a P that divides {num_heads} or impl='allgather'"
-        )
-
-
 def new_group_parallel(degree: int, impl: str = "ulysses") -> GroupParallel:
     """Split the world into world/P group-parallel groups of P consecutive ranks; every rank must call this.
 
     Rank k*P + r is rank r of group-parallel group k. Ranks holding the same members of different groups
     (r fixed, k = 0..world/P-1) are the data-parallel replicas the loader splits groups over
-    (:func:`layout`); the optimizer's data-parallel reduction runs over the whole world (see the module doc).
+    (:class:`gd.distributed.layout.ParallelLayout`); the optimizer's data-parallel reduction runs over the whole
+    world (see the module doc).
     """
     world, rank = dist.get_world_size(), dist.get_rank()
-    if degree < 1 or world % degree:
-        raise ValueError(f"group_parallel P={degree} does not divide the world size {world}")
+    layout = ParallelLayout.resolve(world, degree, impl=impl)
     mine = None
     for first in range(0, world, degree):
         group = dist.new_group(list(range(first, first + degree)))  # collective: all ranks create every group
         if first <= rank < first + degree:
             mine = group
-    return GroupParallel(mine, degree, rank % degree, impl)
-
-
-def layout(rank: int, world: int, degree: int) -> tuple[int, int, int]:
-    """(replica k, replicas world/P, group-parallel rank r) of global ``rank`` under :func:`new_group_parallel`."""
-    if degree < 1 or world % degree or not 0 <= rank < world:
-        raise ValueError(f"rank={rank}, world={world}, group_parallel P={degree}: expected P | world, rank < world")
-    return rank // degree, world // degree, rank % degree
+    return GroupParallel(mine, degree, layout.member_rank(rank), impl)
 
 
 def _all_to_all(x: Tensor, ctx: GroupParallel) -> Tensor:

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gd.device import device_index
+from gd.distributed import env as _env
+from gd.distributed.env import device_index
 from gd.diffusion.plan import BatchLayout
 
 # DeepSpeed picks its accelerator at import time; on a machine without CUDA it must be told "cpu" first.
@@ -57,9 +58,9 @@ class Dist:
 
 
 def dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun/SLURM-style env; (0, 1, 0) when unset."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+    """(rank, world_size, local_rank) by :func:`gd.distributed.env.place` (torchrun's, else SLURM's, else 0, 1, 0)."""
+    p = _env.place()
+    return p.rank, p.world_size, p.local_rank
 
 
 def init_distributed(timeout_s: float = 1800.0) -> Dist:
@@ -67,11 +68,16 @@ def init_distributed(timeout_s: float = 1800.0) -> Dist:
 
     DeepSpeed needs a process group even for one process, so a run started without torchrun makes its own, on an
     in-memory store: no port to pick and lose to another process before it is bound. On CUDA the process's GPU
-    follows gd.device's rule (LOCAL_RANK % device_count), which :func:`build_engine` also hands to DeepSpeed.
+    follows :mod:`gd.distributed.env`'s rule, which :func:`build_engine` also hands to DeepSpeed. A bare ``srun``
+    step of several tasks has no rendezvous to join: it is refused (launch through gd-launch or torchrun).
     ``timeout_s`` bounds every collective until :class:`CollectiveTimeouts` shortens it after the first step.
     """
-    _, _, local_rank = dist_env()
-    alone = "RANK" not in os.environ
+    place = _env.place()
+    local_rank = place.local_rank
+    if place.source == "slurm" and place.world_size > 1:
+        raise RuntimeError(f"a bare srun step of {place.world_size} tasks (SLURM_PROCID={place.rank}) sets no "
+                           f"torch.distributed rendezvous: launch the trainer with gd-launch or torchrun")
+    alone = place.source != "torchrun"
     if alone:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # what streaming and the launchers read
     if torch.cuda.is_available():
@@ -105,7 +111,7 @@ def _private_extension_cache() -> None:
         env = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
         os.environ["TORCH_EXTENSIONS_DIR"] = str(Path.home() / ".cache" / "torch_extensions" / f"env-{env}")
     folder = Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not any(folder.glob("*/deepspeed_shm_comm/*.so")):
+    if _env.local_rank() == 0 and not any(folder.glob("*/deepspeed_shm_comm/*.so")):
         print(f"gd.train: building DeepSpeed's CPU communication op for this environment, once (1-2 min), into "
               f"{folder}", file=sys.stderr, flush=True)
 

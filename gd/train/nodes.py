@@ -26,6 +26,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from gd.distributed.env import local_rank
+
 PROBE_PREFIX = ".gd-node-probe-"
 
 
@@ -52,7 +54,7 @@ class Nodes:
         self.distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.distributed else 0
         self.name = node_name()
-        self.leader = int(os.environ.get("LOCAL_RANK", 0)) == 0
+        self.leader = local_rank() == 0
         names = self.gather(self.name)
         self.names = list(dict.fromkeys(names))  # in order of their first rank
         self.ranks = {n: [r for r, m in enumerate(names) if m == n] for n in self.names}

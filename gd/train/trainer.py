@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gd.diffusion.objectives import build_objective
 from gd.diffusion.plan import BatchPlan, Shard, StepPlan
+from gd.distributed.layout import ParallelLayout
 from gd.io import atomic_write_text
 from gd.secrets import redacted_yaml
 from gd.train import engine as eng
@@ -180,11 +181,14 @@ class Trainer:
         self.model_config = dict(self.model.config)
         if self.init is not None:
             load_weights(self.model, self.init)
-        self.shard = Shard(p, d.rank % p)
+        self.parallel = ParallelLayout.resolve(world, p, self.plan.train_group_size,
+                                               getattr(self.model, "num_heads", None),
+                                               t.get("group_parallel_impl"), section="train")
+        self.shard = Shard(p, self.parallel.member_rank(d.rank))
         if p > 1:  # a collective: every rank creates every group-parallel group
             from gd.models.group_parallel import new_group_parallel
 
-            self.model.set_group_parallel(new_group_parallel(p, str(t.get("group_parallel_impl") or "ulysses")))
+            self.model.set_group_parallel(new_group_parallel(p, self.parallel.impl))
         self.engine, self.optimizer = eng.build_engine(self.model, t, self.layout, d.device, fused=fused)
         self.zero3 = int(t.zero_stage) == 3
         self.ema = ShardedEMA(self.engine.module, float(t.ema_decay), zero3=self.zero3,
