@@ -17,6 +17,9 @@ baseline=${GD_DEMO_BASELINE:-auto}
 budget=${GD_DEMO_BUDGET_S:-600}
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 start=$(date +%s)
+stages=()
+mark=$start
+done_stage() { local now; now=$(date +%s); stages+=("$(printf '%-34s %3d:%02d' "$1" $(( (now - mark) / 60 )) $(( (now - mark) % 60 )))"); mark=$now; }
 
 say "1/5 install (Debian's Fashion-MNIST, .venv with the package)"
 bash tools/system-deps.sh fashion-mnist
@@ -24,6 +27,7 @@ bash tools/install.sh
 # shellcheck disable=SC1091
 . "${GD_VENV:-.venv}/bin/activate"
 export DS_ACCELERATOR=cpu PYTHONWARNINGS=ignore
+done_stage "install"
 
 say "2/5 grouped shards: Fashion-MNIST → pixel latents, Inception embeddings → neighbours (cosine ≥ τ) → MDS"
 # Grouping as the method benchmark found best here: Inception pool features (fid-helper's offline network), τ 0.8,
@@ -33,6 +37,7 @@ python tools/build_shards.py out="$shards" work_dir="$root/build_shards/fashion_
   embedder=inception tau=0.8 n_max=2 progress=false
 ref="$root/reference/fashion_mnist_test_$ref_images.npz"
 [ -f "$ref" ] || python -m gd.demo reference "$ref" --limit "$ref_images"
+done_stage "shards and FID reference"
 
 overrides=(run.root="$root" data.root="$shards")
 [ -n "$steps" ] && overrides+=(train.steps="$steps")
@@ -43,9 +48,11 @@ sample=(metrics.reference="$ref" metrics.reference_max_images="$ref_images" samp
 say "3/5 train GroupDiff-l (N=2) with DeepSpeed: python -m gd.launch +cluster=local +exp=demo"
 t_main=$(date +%s)
 python -m gd.launch +cluster=local +exp=demo "${overrides[@]}"
+done_stage "training (launch included)"
 
 say "4/5 sample class-conditional groups and compute FID: python -m gd.evaluate"
 python -m gd.evaluate +exp=demo "${overrides[@]}" "${sample[@]}" metrics.out="$root/demo/eval.json"
+done_stage "sampling and FID"
 
 report=(python -m gd.demo report "$root/demo" "$root/demo/eval.json")
 now=$(date +%s)
@@ -62,8 +69,14 @@ if [ "$baseline" = 1 ]; then
   python -m gd.evaluate +exp=demo diffusion=plain run.name=demo_plain "${overrides[@]}" "${sample[@]}" \
     metrics.out="$root/demo_plain/eval.json"
   report+=(--baseline "$root/demo_plain" "$root/demo_plain/eval.json")
+  done_stage "plain SiT: training, sampling, FID"
 fi
 
 say "5/5 report"
 "${report[@]}"
+done_stage "report"
 echo "wrote $root/demo/samples.png, $root/demo/loss.png, $root/demo/metrics.json in $(( $(date +%s) - start )) s"
+printf '\nstage                              time\n'
+printf '%s\n' "${stages[@]}"
+total=$(( $(date +%s) - start ))
+printf '%-34s %3d:%02d\n' "total" $(( total / 60 )) $(( total % 60 ))
