@@ -149,17 +149,14 @@ def _deep_update(base: dict, extra: Mapping) -> dict:
     return base
 
 
-def overlap_comm(value: Any, world_size: int, cuda: bool | None = None) -> bool:
-    """``train.ds.overlap_comm``: true / false as given; null means on when ``world_size`` > 1 on CUDA (one process
-    has no gradient communication to hide; on CPU ranks DeepSpeed 0.19.8's overlapped ZeRO-2 step did not finish with
-    2 gloo ranks). ``cuda``: None = whether this process trains on CUDA (DeepSpeed's accelerator)."""
-    if value is not None and not isinstance(value, bool):
-        raise ValueError(f"train.ds.overlap_comm={value!r}: expected true, false or null (on with > 1 CUDA process)")
-    if value is not None:
-        return value
-    if cuda is None:
-        cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
-    return world_size > 1 and cuda
+def overlap_comm(value: Any, world_size: int) -> bool:
+    """``train.ds.overlap_comm``: true / false as given; null means on when ``world_size`` > 1 (one process has no
+    gradient communication to hide, only the side stream's bookkeeping)."""
+    if value is None:
+        return world_size > 1
+    if not isinstance(value, bool):
+        raise ValueError(f"train.ds.overlap_comm={value!r}: expected true, false or null (on with > 1 process)")
+    return value
 
 
 def deepspeed_config(train_cfg: Mapping[str, Any], layout: BatchLayout) -> dict[str, Any]:
@@ -169,7 +166,7 @@ def deepspeed_config(train_cfg: Mapping[str, Any], layout: BatchLayout) -> dict[
     allows; contiguous gradients and large buckets mean fewer, larger collectives; bf16 ``immediate_grad_update``
     folds bf16 gradients into the fp32 master copy during backward instead of keeping a second buffer;
     ``reduce_scatter: false`` makes ZeRO-2 all-reduce its bucket without the per-parameter split and copy-back.
-    ``overlap_comm`` (null: on with more than one CUDA process) reduces each gradient bucket on a side stream during the
+    ``overlap_comm`` (null: on with more than one process) reduces each gradient bucket on a side stream during the
     rest of the backward; buckets of 5e7 elements give it a dozen buckets of SiT-XL/2 to overlap
     (docs/communication.md has the arithmetic).
 
