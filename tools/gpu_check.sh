@@ -4,7 +4,7 @@
 # OUT_DIR/gpu_check.log.
 #   bash tools/gpu_check.sh OUT_DIR [--dry-run] [hydra overrides, e.g. 'parts=[peak,train]' 'train.run=[explore]']
 # Uses the python3 on PATH (or $PYTHON): on the GPU machine, the image's. When deepspeed or hydra is missing there,
-# the wheels in .whl/ (tools/fetch_gpu_wheels.sh) are installed into /tmp/gd-site first.
+# the wheels in .whl/ (tools/fetch_gpu_wheels.sh) are installed into $GD_SITE (default /tmp/gd-site) first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: tools/gpu_check.sh OUT_DIR [--dry-run] [overrides]}
@@ -16,8 +16,9 @@ if ! has deepspeed hydra omegaconf; then
     echo "deepspeed or hydra does not import and there is no .whl/: run tools/fetch_gpu_wheels.sh" >&2
     exit 2
   fi
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gd-site .whl/*.whl
-  export PYTHONPATH=/tmp/gd-site${PYTHONPATH:+:$PYTHONPATH}
+  site=${GD_SITE:-/tmp/gd-site}
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+  export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p "$out"

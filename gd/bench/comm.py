@@ -27,7 +27,7 @@ from gd.distributed import env as _env
 
 DEFAULTS = {
     "model": "sit_s2", "input_size": 32, "micro_batch": 8, "global_batch": None, "precision": "fp32",
-    "zero_stage": 2, "steps": 5, "warmup": 2, "bucket": 5.0e8,
+    "zero_stage": 2, "steps": 5, "warmup": 2, "bucket": None,  # elements per reduce/all-gather bucket; None: train.ds's
     "combos": [[False, False], [False, True], [True, False], [True, True]],  # [overlap_comm, reduce_scatter]
 }
 
@@ -57,7 +57,8 @@ def _trainer(b: Any, overlap: bool, reduce_scatter: bool, world: int):
                           f"train.micro_batch={b.micro_batch}", f"train.global_batch={global_batch}",
                           f"train.precision={b.precision}", f"train.zero_stage={b.zero_stage}",
                           f"train.ds.overlap_comm={overlap}", f"train.ds.reduce_scatter={reduce_scatter}",
-                          f"train.ds.reduce_bucket_size={b.bucket}", f"train.ds.allgather_bucket_size={b.bucket}",
+                          *([] if b.bucket is None else [f"train.ds.reduce_bucket_size={b.bucket}",
+                                                         f"train.ds.allgather_bucket_size={b.bucket}"]),
                           "train.progress=false"])
     return Trainer(cfg, data=SyntheticData(cfg.model, int(b.micro_batch)), resume=False)
 

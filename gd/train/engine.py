@@ -175,6 +175,16 @@ def _deep_update(base: dict, extra: Mapping) -> dict:
     return base
 
 
+def overlap_comm(value: Any, world_size: int) -> bool:
+    """``train.ds.overlap_comm``: true / false as given; null means on when ``world_size`` > 1 (one process has no
+    gradient communication to hide, only the side stream's bookkeeping)."""
+    if value is None:
+        return world_size > 1
+    if not isinstance(value, bool):
+        raise ValueError(f"train.ds.overlap_comm={value!r}: expected true, false or null (on with > 1 process)")
+    return value
+
+
 def deepspeed_config(train_cfg: Mapping[str, Any], layout: BatchLayout) -> dict[str, Any]:
     """The DeepSpeed JSON config for ``cfg.train`` (checked); ``train.deepspeed`` is merged in last, verbatim.
 
@@ -182,6 +192,9 @@ def deepspeed_config(train_cfg: Mapping[str, Any], layout: BatchLayout) -> dict[
     allows; contiguous gradients and large buckets mean fewer, larger collectives; bf16 ``immediate_grad_update``
     folds bf16 gradients into the fp32 master copy during backward instead of keeping a second buffer;
     ``reduce_scatter: false`` makes ZeRO-2 all-reduce its bucket without the per-parameter split and copy-back.
+    ``overlap_comm`` (null: on with more than one process) reduces each gradient bucket on a side stream during the
+    rest of the backward; buckets of 5e7 elements give it a dozen buckets of SiT-XL/2 to overlap
+    (docs/communication.md has the arithmetic).
 
     Always off, because :class:`GuardedAdamW` does the same once per step in foreach kernels: DeepSpeed's gradient
     clipping, its grad norm (``compute_grad_norm``: only ZeRO-1/2 can skip it, and not ZeRO-1 bf16, which runs
@@ -203,8 +216,8 @@ def deepspeed_config(train_cfg: Mapping[str, Any], layout: BatchLayout) -> dict[
     if stage >= 1:
         zero.update(
             contiguous_gradients=bool(ds.get("contiguous_gradients", True)),
-            overlap_comm=bool(ds.get("overlap_comm", False)),
-            reduce_bucket_size=int(float(ds.get("reduce_bucket_size", 5e8))),
+            overlap_comm=overlap_comm(ds.get("overlap_comm"), layout.world_size),
+            reduce_bucket_size=int(float(ds.get("reduce_bucket_size", 5e7))),
             allgather_bucket_size=int(float(ds.get("allgather_bucket_size", 5e8))),
             reduce_scatter=bool(ds.get("reduce_scatter", False)),
         )

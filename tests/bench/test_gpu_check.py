@@ -15,7 +15,7 @@ import psutil
 import pytest
 from omegaconf import OmegaConf
 
-from gd.bench import gpu_check, gpu_parts
+from gd.bench import gpu_check, gpu_parts, gpu_report
 
 REPO = Path(__file__).resolve().parents[2]
 # Packages the GPU machine's image lacks and tools/fetch_gpu_wheels.sh does not carry: the check must not import them.
@@ -64,13 +64,18 @@ def test_dry_run_reports_every_part(tmp_path):
     reason."""
     proc, report, md = _check(tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _assert_every_part(report, md)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.json", "gpu_check.md"]
+
+
+def _assert_every_part(report: dict, md: str) -> None:
+    """Every part of a dry run reported numbers or its reason, with the rows and sections the defaults ask for."""
     parts = report["parts"]
     assert list(parts) == list(gpu_check.PARTS)
     for name, part in parts.items():
         assert part["status"] in ("ok", "partial"), (name, part)
         assert part["result"], name
     assert report["dry_run"] and report["wall_s"] > 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.json", "gpu_check.md"]
 
     peak = parts["peak"]["result"]
     assert peak["device"] == "cpu" and peak["matmul_tflops"] > 0 and peak["copy_gb_s"] > 0
@@ -116,6 +121,35 @@ def test_dry_run_reports_every_part(tmp_path):
         assert title in md, title
     for name in gpu_check.PARTS:
         assert f"| {name} | {parts[name]['status']} |" in md
+
+
+REPLICA_PYTHON = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions/3.12.1/bin/python3.12"
+
+
+@pytest.mark.slow
+@pytest.mark.long
+@pytest.mark.timeout(2400)
+@pytest.mark.skipif(not REPLICA_PYTHON.exists(), reason=f"no {REPLICA_PYTHON} (pyenv install 3.12.1)")
+def test_dry_run_under_the_gpu_machines_software(tmp_path):
+    """tools/gpu_replica.sh: the dry run under the GPU image's Python, torch 2.11, torchvision 0.26 and numpy 2.5
+    (a venv built from PyPI once, then cached), with deepspeed and hydra only from tools/fetch_gpu_wheels.sh's wheels
+    installed by tools/gpu_check.sh. Catches: an API that only the newer torch of this checkout's venv has, a numpy 2
+    change, an import the image cannot satisfy (a trainer row's error), pytest warning about its config there."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # this venv's uv
+    proc = subprocess.run(["bash", "tools/gpu_replica.sh", str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=2300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["machine"]["python"] == "3.12.1"
+    versions = report["machine"]["versions"]
+    assert versions["torch"].startswith("2.11.0") and versions["numpy"] == "2.5.2", versions
+    assert versions["deepspeed"] == "0.19.8" and versions["hydra-core"] == "1.3.8", versions
+    _assert_every_part(report, (out / "gpu_check.md").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
+    log = (out / "gpu_check.log").read_text()
+    assert "PytestConfigWarning" not in log and "Unknown config option" not in log, log[-3000:]
 
 
 @pytest.mark.slow
@@ -196,3 +230,25 @@ def test_guided_nfe_counts_the_grid_points_inside_the_interval():
     b.methods = ["sde"]
     nfe, guided = gpu_parts.guided_nfe(b, 250, 1, 4)
     assert nfe == 250 and 115 <= guided <= 135
+
+
+def test_goals_name_each_target_with_its_verdict():
+    """The goals line: N=1 trainer over the plain step at the same compile (0.95 of it), N=1 img/s, N=16 MFU and
+    peak, each met / not met / not measured. Catches: a ratio taken against the plain row of the other compile
+    setting, a row with an error or extra overrides counted, a goal that says "met" without a measurement."""
+    def row(mode, n, compile_, ips, **kw):
+        return {"mode": mode, "n": n, "compile": compile_, "ips": ips, "mfu": kw.get("mfu", 0.3),
+                "mem": kw.get("mem", 30.0), "error": kw.get("error", ""), "overrides": kw.get("overrides", [])}
+
+    rows = [row("reference", 1, False, 300.0), row("reference", 1, True, 500.0),
+            row("engine", 1, False, 291.0),                      # 0.97 of its eager plain step
+            row("engine", 1, True, 460.0),                       # 0.92 of the compiled one
+            row("engine", 1, True, 600.0, error="OOM"),          # not a measurement
+            row("engine", 1, False, 900.0, overrides=["bench.batch=64"]),
+            row("engine", 16, False, 200.0, mfu=0.52, mem=41.0)]
+    line = gpu_report._goals(rows)
+    assert "≥ 0.95x the plain step's img/s at the same compile: best 0.97x (met)" in line, line
+    assert "N=1 ≥ 550 img/s: best 460.0 (not met)" in line, line
+    assert "N=16 ≥ 50% MFU: best 52.0% (met)" in line and "lowest 41.0 (not met)" in line, line
+    none = gpu_report._goals([row("reference", 1, False, 300.0)])
+    assert none.count("not measured") == 4, none

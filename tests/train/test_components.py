@@ -48,6 +48,27 @@ def test_layout_and_deepspeed_config():
         deepspeed_config({**t, "precision": "fp16"}, layout)
 
 
+def test_gradient_overlap_is_on_exactly_when_there_is_communication():
+    """conf/train/default.yaml's ZeRO-2 communication (docs/communication.md): with more than one process the
+    gradient buckets (5e7 elements, ~14 for SiT-XL/2's 675M parameters) are reduced during the backward; one process
+    has nothing to overlap. An explicit true/false wins; anything else is refused. Catches: the single-process
+    default applied to multi-node runs, or a bucket as large as the model (nothing left to overlap)."""
+    from omegaconf import OmegaConf
+
+    t = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[2] / "conf/train/default.yaml"))
+    t.update(global_batch=256, micro_batch=32)
+
+    def zero(world: int, **ds) -> dict:
+        cfg = {**t, "ds": {**t["ds"], **ds}}
+        return deepspeed_config(cfg, batch_layout(cfg, world_size=world, group_size=1))["zero_optimization"]
+
+    assert zero(8)["stage"] == 2 and zero(8)["overlap_comm"] is True and zero(1)["overlap_comm"] is False
+    assert zero(8)["reduce_bucket_size"] == 50_000_000 and zero(8)["reduce_scatter"] is False
+    assert zero(8, overlap_comm=False)["overlap_comm"] is False and zero(1, overlap_comm=True)["overlap_comm"] is True
+    with pytest.raises(ValueError, match=r"train.ds.overlap_comm='yes': expected true, false or null"):
+        zero(8, overlap_comm="yes")
+
+
 @pytest.mark.parametrize("global_batch,micro,world,n,needle", [
     (256, 48, 2, 4, "global_batch=256 is not divisible by train.micro_batch=48 x world size 2"),
     (256, 32, 3, 4, "world size 3 = 96"),
