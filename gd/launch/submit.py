@@ -434,7 +434,7 @@ def _absolute_paths(cfg: DictConfig) -> None:
     """The job may start in another directory (or on another node): pin relative paths to this one."""
     with open_dict(cfg):
         cfg.run.root = os.path.abspath(cfg.run.root)
-        if not is_url(cfg.data.root):
+        if not OmegaConf.is_missing(cfg.data, "root") and not is_url(cfg.data.root):
             cfg.data.root = os.path.abspath(cfg.data.root)
         if OmegaConf.select(cfg, "train.init_from"):
             cfg.train.init_from = os.path.abspath(str(cfg.train.init_from))

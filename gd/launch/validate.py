@@ -62,11 +62,16 @@ def validate(cfg: DictConfig) -> list[str]:
             problems += _check_init_from(cfg, warnings)
         if cfg.launcher.check_data:
             problems += _check_data(cfg)
+
     elif not problems:
         problems += _check_sampling(cfg)
+    return _reject(problems) or warnings
+
+
+def _reject(problems: list[str]) -> list[str]:
     if problems:
         raise LaunchError("rejected, nothing was submitted:\n  - " + "\n  - ".join(problems))
-    return warnings
+    return []
 
 
 def _check_cluster(cluster: DictConfig, warnings: list[str]) -> list[str]:
@@ -236,7 +241,13 @@ def _check_sampling(cfg: DictConfig) -> list[str]:
     return problems
 
 
+_ROOT_REQUIRED = ("data.root is required: the shard set tools/build_shards.py wrote (data.root=s3://bucket/prefix or "
+                  "a local folder; docs/data.md)")
+
+
 def _check_data(cfg: DictConfig) -> list[str]:
+    if OmegaConf.is_missing(cfg.data, "root"):
+        return [_ROOT_REQUIRED]
     root = str(cfg.data.root)
     parts = ["plain", "group"]  # the trainer reads both streams (check_dataset), whatever the mode
     build = ("build it with tools/build_shards.py (see the experiment file's header), or set data.root=... "

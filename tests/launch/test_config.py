@@ -33,8 +33,10 @@ def test_groupdiff16_is_the_paper_recipe() -> None:
     t = cfg.train
     assert (t.global_batch, t.lr, t.ema_decay, t.precision, t.zero_stage) == (256, 1e-4, 0.9999, "bf16_autocast", 2)
     assert cfg.model.learn_sigma is False  # the released SiT layout: 4 output channels
-    assert cfg.data.root.startswith("s3://")
+    assert OmegaConf.is_missing(cfg.data, "root")  # the user's shard set: required, no placeholder bucket
     assert world_size(cfg.cluster) == 8
+    with pytest.raises(LaunchError, match="data.root is required: the shard set tools/build_shards.py wrote"):
+        validate(compose_cfg("+cluster=slurm", "+exp=groupdiff16", "launcher.dry_run=true"))
 
 
 def test_demo_is_tiny_cpu_groupdiff_l() -> None:
