@@ -7,7 +7,9 @@
 # GD_SLURM_NODES=2: two nodes, this machine's hostname and another name /etc/hosts maps to a loopback address (or
 # $GD_SLURM_NODE_NAMES, two names that resolve here), each slurmd in its own mount namespace with a private /dev/shm
 # and /tmp, as separate machines have: what one node's job steps leave there, the other's never see. STATE_DIR must
-# then lie outside /tmp and /dev/shm.
+# then lie outside /tmp and /dev/shm. Folders that stand for a shared filesystem stay visible on both nodes where
+# they lie under /tmp: the checkout this script belongs to (code and its .venv, as on a cluster's shared home or
+# project filesystem) and $GD_SLURM_SHARED_DIRS (':'-separated absolute paths, e.g. a venv outside the checkout).
 # GD_SLURM_FIRST_JOB_ID (1): the first job id. Two clusters on one machine need disjoint ids: what is derived from
 # a job id (gd's rendezvous port, submitit's %j folders) would otherwise collide between them.
 set -euo pipefail
@@ -50,6 +52,28 @@ else
       die "node name '$name' does not resolve: add '127.0.0.1 $name' to /etc/hosts or set GD_SLURM_NODE_NAMES"
   done
   command -v unshare >/dev/null 2>&1 || die "'unshare' not found (util-linux): each node needs its own /tmp, /dev/shm"
+  # The shared folders under /tmp, resolved, without those inside another (binding the outer one shows them).
+  IFS=: read -r -a wanted <<<"$(cd "$here/.." && pwd -P)${GD_SLURM_SHARED_DIRS:+:$GD_SLURM_SHARED_DIRS}"
+  under_tmp=()
+  for dir in "${wanted[@]}"; do
+    [ -n "$dir" ] || continue
+    case "$dir" in /*) ;; *) die "GD_SLURM_SHARED_DIRS entry '$dir': expected an absolute path" ;; esac
+    [ -d "$dir" ] || die "GD_SLURM_SHARED_DIRS entry '$dir': not a directory"
+    real=$(realpath -e "$dir")
+    case "$real/" in
+      /tmp/) die "shared folder $dir is /tmp itself: each node needs its own /tmp; name the folders inside it" ;;
+      /dev/shm/*) die "shared folder $dir is under /dev/shm, which each node replaces with its own" ;;
+      /tmp/*) under_tmp+=("$real") ;;
+    esac
+  done
+  keep=()
+  for dir in "${under_tmp[@]}"; do
+    inside=""
+    for other in "${under_tmp[@]}"; do
+      [ "$other" != "$dir" ] && case "$dir/" in "$other"/*) inside=1 ;; esac
+    done
+    [ -n "$inside" ] || [[ " ${keep[*]} " == *" $dir "* ]] || keep+=("$dir")
+  done
 fi
 state=${1:-${GD_SLURM_DIR:-$GD_SLURM_DEFAULT_DIR}}
 case "$state" in /*) ;; *) state="$PWD/$state" ;; esac
@@ -121,9 +145,17 @@ else
     if [ "${#names[@]}" = 1 ]; then
       slurmd -N "$name" -f "$conf"  # the machine's hostname is not "localhost": name the node explicitly
     else
-      # A private mount namespace per node: its own empty /tmp and /dev/shm, inherited by its job steps.
-      unshare -m --propagation private sh -c 'mount -t tmpfs -o mode=1777 tmpfs /dev/shm &&
-        mount -t tmpfs -o mode=1777 tmpfs /tmp && exec slurmd -N "$1" -f "$2"' sh "$name" "$conf" ||
+      # A private mount namespace per node: its own empty /tmp and /dev/shm, inherited by its job steps. The new
+      # /tmp is built aside (at $fresh, outside /tmp), the shared folders bound into it at their paths, and then
+      # moved over /tmp: nothing of the machine's /tmp but those folders shows through.
+      fresh="$state/run/tmp-$name"
+      mkdir -p "$fresh"
+      unshare -m --propagation private sh -c 'set -e; name=$1 conf=$2 fresh=$3; shift 3
+        mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+        mount -t tmpfs -o mode=1777 tmpfs "$fresh"
+        for dir in "$@"; do mkdir -p "$fresh${dir#/tmp}"; mount --bind "$dir" "$fresh${dir#/tmp}"; done
+        mount --move "$fresh" /tmp
+        exec slurmd -N "$name" -f "$conf"' sh "$name" "$conf" "$fresh" "${keep[@]}" ||
         die "could not start slurmd for node $name in its own mount namespace (unshare/mount refused?)"
     fi
   done

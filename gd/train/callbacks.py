@@ -31,7 +31,9 @@ class Callback:
 
     def on_step_end(self, trainer: Trainer, step: int) -> None:
         """After optimizer step ``step`` (1-based: the number of steps done), its metrics and its checkpoint (not
-        called for the step a preemption stops at)."""
+        called for the step a preemption stops at). Work one rank does alone here for more than a few seconds
+        belongs inside ``with trainer.timeouts.relaxed(sync=True):`` entered on every rank (the others would wait
+        in the next step's collective, which fails after ``train.step_timeout_s``)."""
 
 
 class CallbackList(Callback):

@@ -133,7 +133,9 @@ class CollectiveTimeouts:
     """How long any collective may wait for the other ranks: ``init_s`` while ranks start, load or write a
     checkpoint or export (rank 0 may work alone for minutes while the others wait in a barrier), ``step_s`` once
     the first step has run on every rank (a step's collectives then complete in seconds; a rank that froze or was
-    lost ends the job after ``step_s`` instead of after torch's 30 minutes). torchtitan does the same.
+    lost ends the job after ``step_s`` instead of after torch's 30 minutes). torchtitan does the same (100 s after
+    the first step). Work one rank does alone while the others wait (a checkpoint, the EMA export, the sample grid)
+    runs inside :meth:`relaxed`.
     """
 
     def __init__(self, init_s: float, step_s: float) -> None:
@@ -155,12 +157,17 @@ class CollectiveTimeouts:
             self._set(self.step_s)
 
     @contextlib.contextmanager
-    def relaxed(self) -> Iterator[None]:
-        """``init_s`` inside the block (checkpoint writes, the export), then back to ``step_s`` if it applied."""
+    def relaxed(self, sync: bool = False) -> Iterator[None]:
+        """``init_s`` inside the block (checkpoint writes, the EMA export, the sample grid), then back to ``step_s``
+        if it applied. Every rank must enter it. With ``sync`` the block ends with a barrier (when it did not
+        raise): the ranks that finish early wait for the one working alone there, under ``init_s``, instead of in
+        the next step's collective under ``step_s``."""
         if self.steady:
             self._set(self.init_s)
         try:
             yield
+            if sync and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.barrier()
         finally:
             if self.steady:
                 self._set(self.step_s)

@@ -10,7 +10,8 @@ form its groups). Noise, sampler noise and sample-embedding slots come from gene
 
 Written by rank 0 to ``<run.dir>/grids/step_XXXXXXXX.png`` (atomically) and through the run's metrics sinks
 (tensorboard, wandb). Under ZeRO the EMA is sharded: gathering it (:meth:`ShardedEMA.full_state`) is a collective,
-so every rank runs :meth:`on_step_end`; only rank 0 then samples. Sampling leaves the global RNG untouched (a
+so every rank runs :meth:`on_step_end`; only rank 0 then samples, while the others wait in a barrier under the
+start-up timeout (gd.train.engine.CollectiveTimeouts.relaxed). Sampling leaves the global RNG untouched (a
 resumed run draws the same training noise as an uninterrupted one).
 """
 from __future__ import annotations
@@ -88,9 +89,14 @@ class SampleGrid(Callback):
     def on_step_end(self, trainer: Trainer, step: int) -> None:
         if step % self.every:
             return
-        state = trainer.ema.full_state()  # collective: every rank sends its shard, rank 0 receives the EMA
-        if not trainer.dist.is_main:
-            return
+        # Rank 0 samples alone while the others wait for it: under the start-up timeout (train.init_timeout_s),
+        # ending with a barrier, not in the next step's collective under train.step_timeout_s.
+        with trainer.timeouts.relaxed(sync=True):
+            state = trainer.ema.full_state()  # collective: every rank sends its shard, rank 0 receives the EMA
+            if trainer.dist.is_main:
+                self._write(trainer, step, state)
+
+    def _write(self, trainer: Trainer, step: int, state: dict[str, torch.Tensor]) -> None:
         grid = self.sample(trainer.model_config, state, trainer.dist.device)
         from gd.sample import png_bytes
 

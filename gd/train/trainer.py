@@ -165,7 +165,7 @@ class Trainer:
 
             meta = check_dataset(str(cfg.data.root))
         self.timeouts = eng.CollectiveTimeouts(float(t.get("init_timeout_s", 1800)),
-                                               float(t.get("step_timeout_s", 600)))
+                                               float(t.get("step_timeout_s", 100)))
         self.dist = d = eng.init_distributed(self.timeouts.init_s)
         self.nodes = Nodes()
         if resume:
@@ -412,12 +412,10 @@ class Trainer:
                 self.callbacks.on_step_end(self, step)
             if not preempted and d.is_main:
                 log.info("training done at step %d (%s)", step, eng.engine_dtype(self.engine))
-            with self.timeouts.relaxed():
+            with self.timeouts.relaxed(sync=True):  # rank 0 writes the export alone
                 ema_state = self.ema.full_state() if not preempted else None
                 if ema_state is not None and d.is_main:
                     export_ema(self.model_config, ema_state, self.run_dir / "ema.pt", objective=self.objective.name)
-                if dist.is_initialized():
-                    dist.barrier()
         finally:
             logger.close()
         return {"preempted": preempted, "step": step, "skipped_steps": self.guard.skipped_total, "loss": last_loss,

@@ -175,7 +175,7 @@ def test_two_node_preemption_resumes_bitwise(requeued_twice: dict[str, Any], ref
 def test_a_killed_rank_ends_the_job_and_a_relaunch_resumes(shared: Path, slurm_two_nodes: SlurmCluster,
                                                            reference: dict[str, Any]) -> None:
     """Rank 1 and its helpers are SIGKILLed after step 3 (a checkpoint exists at step 2): the job ends FAILED at
-    once (srun --kill-on-bad-exit; collectives would wait train.step_timeout_s=600 s), is not requeued (a failure
+    once (srun --kill-on-bad-exit; collectives would wait train.step_timeout_s, 100 s), is not requeued (a failure
     is not a preemption), and relaunching the run name resumes from step 2 to exactly the reference's weights.
     The killed rank left streaming's shared memory on its node; the relaunch removes it there first."""
     run_dir = shared / "runs" / "killed"
@@ -196,18 +196,42 @@ def test_a_killed_rank_ends_the_job_and_a_relaunch_resumes(shared: Path, slurm_t
     assert_same_weights(run_dir, reference["run_dir"])
 
 
+STEP_TIMEOUT_S = 100  # conf/train/default.yaml's train.step_timeout_s, written out: the bound this test proves
+ENDS_WITHIN_S = STEP_TIMEOUT_S + 40  # rank 0's exit, srun --kill-on-bad-exit (KillWait=5), the job leaving RUNNING
+
+
 def test_a_frozen_rank_ends_the_job(shared: Path, slurm_two_nodes: SlurmCluster) -> None:
-    """Rank 1 stops itself (SIGSTOP) after step 3. Fails before the fix: rank 0 waited in its next collective for
-    torch's default 30 minutes, and even after that the stopped rank would have kept the job running forever; now
-    rank 0 gives up after train.step_timeout_s and srun --kill-on-bad-exit ends the stopped rank with it."""
+    """Rank 1 stops itself (SIGSTOP) after step 3, with the default timeouts: the job leaves RUNNING within
+    ENDS_WITHIN_S of the freeze and ends FAILED. Fails before the fix: the default train.step_timeout_s was 600 s
+    (the job was still RUNNING 300 s after the freeze; earlier still rank 0 waited torch's 30 minutes and the
+    stopped rank kept the job forever); rank 0 now gives up after 100 s and srun --kill-on-bad-exit ends the stopped
+    rank with it."""
     run_dir = shared / "runs" / "frozen"
     fault = callbacks(SignalSelf={"step": 3, "rank": 1, "signal": "SIGSTOP"})
-    result = launch(slurm_two_nodes, [*tiny(shared, "frozen", "train.step_timeout_s=10"), fault], run_dir)
+    seen: dict[str, float] = {}
+
+    def during(launcher: subprocess.Popen) -> None:
+        wait_for_steps(run_dir, launcher, 3)  # rank 0 logs step 3 as rank 1 stops itself after it
+        seen["frozen"] = time.monotonic()
+        jid, env = job_id(run_dir), slurm_two_nodes.env()
+        while time.monotonic() - seen["frozen"] < ENDS_WITHIN_S + 60:
+            state = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], env=env, capture_output=True,
+                                   text=True).stdout.strip()
+            if state != "RUNNING":
+                break
+            time.sleep(0.5)
+        seen["ended"] = time.monotonic()
+
+    result = launch(slurm_two_nodes, [*tiny(shared, "frozen"), fault], run_dir, during)
+    took = seen["ended"] - seen["frozen"]
+    assert took <= ENDS_WITHIN_S, f"the job was still RUNNING {took:.0f} s after its rank 1 froze"
+    assert took >= STEP_TIMEOUT_S - 10, f"the job ended {took:.0f} s after the freeze, before the step timeout"
     assert result["returncode"] == 1
     assert result["queue"] == [], "the job still runs with its stopped rank"
     assert re.search(r"JobState=(FAILED|CANCELLED)\b", result["scontrol"]), result["scontrol"]
     logs = job_logs(run_dir)
-    assert "Another rank stopped answering" in logs and "train.step_timeout_s=10 s" in logs, logs[-3000:]
+    assert "Another rank stopped answering" in logs, logs[-3000:]
+    assert f"train.step_timeout_s={STEP_TIMEOUT_S} s" in logs, logs[-3000:]
 
 
 def test_a_node_local_run_dir_is_refused(shared: Path, slurm_two_nodes: SlurmCluster) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -36,14 +37,23 @@ def test_start_is_idempotent(slurm_cluster: SlurmCluster) -> None:
 @pytest.mark.long
 def test_two_nodes_each_have_their_own_tmp_and_shm(slurm_two_nodes: SlurmCluster) -> None:
     """What makes the two-node tests mean something: one task per node, and a file one node's task writes into /tmp
-    or /dev/shm is not there for the other's (nor for this machine)."""
+    or /dev/shm is not there for the other's (nor for this machine); yet the folders that stand for a shared
+    filesystem stay shared under /tmp too, and each node runs the checkout's Python. Fails before the fix where
+    they lie under /tmp (a clone there, as CI may make: exit 127, the venv's python not found on the nodes): the
+    nodes' fresh /tmp hid them."""
     tag = f"gd-node-{uuid.uuid4().hex[:8]}"  # a node's private /tmp outlives a test session: names of this test only
-    script = (f"touch /tmp/{tag}-$SLURM_NODEID /dev/shm/{tag}-$SLURM_NODEID; sleep 2; "
-              f"echo $SLURM_NODEID $SLURMD_NODENAME $(ls /tmp /dev/shm | grep -c {tag}); "
+    shared = slurm_two_nodes.shared
+    assert shared is not None and str(shared).startswith("/tmp/")
+    script = (f"touch /tmp/{tag}-$SLURM_NODEID /dev/shm/{tag}-$SLURM_NODEID {shared}/{tag}-$SLURM_NODEID; sleep 2; "
+              f"echo $SLURM_NODEID $SLURMD_NODENAME $(ls /tmp /dev/shm | grep -c {tag}) "
+              f"$(ls {shared} | grep -c {tag}) $({sys.executable} -c 'import gd; print(gd.__file__)'); "
               f"rm -f /tmp/{tag}-$SLURM_NODEID /dev/shm/{tag}-$SLURM_NODEID")
-    out = subprocess.run(["srun", "-N2", "-n2", "bash", "-c", script], env=slurm_two_nodes.env(),
-                         capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
+    out = subprocess.run(["srun", "-N2", "-n2", "bash", "-c", script], env=slurm_two_nodes.env(PYTHONPATH=str(REPO)),
+                         cwd=REPO, capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
     rows = sorted(line.split() for line in out)
     assert [r[0] for r in rows] == ["0", "1"] and sorted(r[1] for r in rows) == list(slurm_two_nodes.nodes), out
     assert [r[2] for r in rows] == ["2", "2"], f"a node sees the other node's files: {out}"
+    assert [r[3] for r in rows] == ["2", "2"], f"a node does not see the shared folder {shared}: {out}"
+    assert [r[4:] for r in rows] == [[str(REPO / "gd" / "__init__.py")]] * 2, f"the checkout's python: {out}"
     assert not list(Path("/tmp").glob(f"{tag}-*")) and not list(Path("/dev/shm").glob(f"{tag}-*"))
+    assert sorted(p.name for p in shared.glob(f"{tag}-*")) == [f"{tag}-0", f"{tag}-1"]

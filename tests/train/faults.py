@@ -52,6 +52,27 @@ class SignalSelf(Callback):
                 os.kill(os.getpid(), sig)
 
 
+class SlowGrid(Callback):
+    """Makes the run's sample grid (train.sample_every) take ``seconds`` longer on rank 0, as a large model's grid
+    does while the other ranks wait for it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = float(seconds)
+
+    def on_train_start(self, trainer, step: int) -> None:
+        from gd.train.sample_grid import SampleGrid
+
+        grids = [cb for cb in trainer.callbacks.callbacks if isinstance(cb, SampleGrid)]
+        assert grids, "SlowGrid needs train.sample_every > 0"
+        sample, seconds = grids[0].sample, self.seconds
+
+        def slow(*args, **kwargs):
+            time.sleep(seconds)
+            return sample(*args, **kwargs)
+
+        grids[0].sample = slow
+
+
 class StepDelay(Callback):
     """Sleeps after each step, so a test can signal or kill a tiny run at a chosen step."""
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from tests.train.conftest import clean_streaming_shm, overrides, torchrun, wait
+from tests.train.faults import callbacks
 
 GRID = ["train.sample_grid.classes=3", "train.sample_grid.per_class=4", "train.sample_grid.method=euler",
         "train.sample_grid.steps=3", "train.sample_grid.cfg_scale=1.5", "model.sample_embed=none"]
@@ -108,6 +109,21 @@ def test_grid_under_zero2_with_two_ranks(fm_shards, tmp_path):
     clean_streaming_shm(fm_shards)
     assert sorted(p.name for p in (run / "grids").iterdir()) == ["step_00000001.png", "step_00000002.png"]
     assert log.read_text().count("sample grid at step 2") == 1
+
+
+@pytest.mark.slow
+def test_a_grid_longer_than_the_step_timeout_does_not_end_the_run(fm_shards, tmp_path):
+    """Rank 0 samples alone while rank 1 waits for it. Fails before the fix: rank 1 went on to the next step and
+    waited in its collective under train.step_timeout_s (here 2 s; rank 0 spends 6 s on the grid), which failed with
+    "Another rank stopped answering"; the wait now runs under train.init_timeout_s and ends in a barrier."""
+    run = tmp_path / "run"
+    log = tmp_path / "torchrun.log"
+    args = overrides(fm_shards, run, "train.steps=3", "train.ckpt_every=100", "train.sample_every=1",
+                     "train.step_timeout_s=2", "train.init_timeout_s=120", callbacks(SlowGrid={"seconds": 6}), *GRID)
+    assert wait(torchrun(args, log), log) == 0, log.read_text()[-3000:]
+    clean_streaming_shm(fm_shards)
+    assert sorted(p.name for p in (run / "grids").iterdir()) == [f"step_0000000{i}.png" for i in (1, 2, 3)]
+    assert "Another rank stopped answering" not in log.read_text()
 
 
 @pytest.mark.parametrize("extra,error", [
