@@ -425,6 +425,7 @@ def _validate(input_size: int, patch_size: int, hidden_size: int, depth: int, nu
 _DEFAULTS: dict[str, Any] = {name: p.default for name, p in inspect.signature(SiT.__init__).parameters.items()
                              if name not in ("self", "patch_size")}
 BUILD_KEYS = tuple(_DEFAULTS)
+SIZE_KEYS = ("hidden_size", "depth", "num_heads", "mlp_ratio")
 
 
 def size_defaults(name: str) -> dict[str, int]:
@@ -449,7 +450,8 @@ def build_model(name: str, **overrides: Any) -> SiT:
     if unknown:
         raise TypeError(f"build_model({name!r}): unknown option(s) {unknown}; expected some of {list(BUILD_KEYS)}")
     kwargs: dict[str, Any] = {**_DEFAULTS, **SIZES[match.group(1)]}
-    kwargs.update({k: _plain(v) for k, v in overrides.items()})
+    # A null size option (conf/model/sit.yaml declares them null) is the size's own value.
+    kwargs.update({k: _plain(v) for k, v in overrides.items() if v is not None or k not in SIZE_KEYS})
     model = SiT(patch_size=int(match.group(2)), **kwargs)
     model.config = {"name": name, **kwargs}
     return model
