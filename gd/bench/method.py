@@ -28,6 +28,13 @@ lost) as done, if they were scored with the same settings: a bench can be comple
 bench's sampler and metrics (a CFG scale, a step count), refusing a run trained with other settings.
 Output in ``bench.dir``: results.json (every run and the summary per configuration), table.md, method.png (FID vs
 N, FID vs S_cross), grouping.json.
+
+``bench.mode=finetune`` (``bench.finetune``; plan and measured step times in docs/bench/finetune.md): one plain SiT,
+the base, is trained once per settings into ``bench.shards_dir/base/<hash>`` and scored (its FID and loss curve in
+results.json); every configuration then fine-tunes the base's ema.pt (``train.init_from``) for the same images, with
+held-out probes (gd.train.probes) on shards of the Fashion-MNIST test split every ``train.probe_every`` steps; each
+GroupDiff run is scored twice from the same checkpoint and sample seed, grouped and alone (``sample.group_size=1``),
+the within-checkpoint FID. Output in ``bench.finetune.dir``; selectivity.png plots own-member share vs 1/N per step.
 """
 from __future__ import annotations
 
@@ -293,7 +300,7 @@ def resolve_mode(cfg: DictConfig) -> DictConfig:
         run = OmegaConf.create(b["run"])
         ft["base"]["run"] = OmegaConf.to_container(OmegaConf.merge(run, ft["base"].get("run") or {}))
         b["run"] = OmegaConf.to_container(OmegaConf.merge(run, ft.get("run") or {}))
-        b["dir"], b["configs"], b["null_rate"] = ft["dir"], ft["configs"], ft["null_rate"]
+        b["dir"], b["configs"], b["null_rate"], b["seeds"] = ft["dir"], ft["configs"], ft["null_rate"], ft["seeds"]
     return OmegaConf.create(tree)
 
 
@@ -575,7 +582,8 @@ def finetune_table(summary: list[dict], base: dict, fid_label: str) -> str:
             own = (f"{s['probe_own_class']:.3f} / {s.get('probe_own_random') or float('nan'):.3f} "
                    f"({s['probe_own_uniform']:.3f})")
         lines.append(
-            f"| {s['label']} | {_pm(s['fid'], s['fid_sd'])} | {_pm(s.get('fid_minus_plain'), s.get('fid_minus_plain_sd'))}"
+            f"| {s['label']} | {_pm(s['fid'], s['fid_sd'])}"
+            f" | {_pm(s.get('fid_minus_plain'), s.get('fid_minus_plain_sd'))}"
             f" | {_pm(s.get('fid_alone'), s.get('fid_alone_sd'))}"
             f" | {_pm(s.get('fid_grouped_minus_alone'), s.get('fid_grouped_minus_alone_sd'))} | {own}"
             f" | {_pm(s.get('probe_loss_class_minus_alone'), None, 5)}"
@@ -675,7 +683,7 @@ def run_settings(b: Any, name: str) -> dict[str, Any]:
     out = {"variant": {k: v[k] for k in ("diffusion", "grouping", "group_size")},
            "grouping": b["groupings"][v["grouping"]], "metrics": metrics, **{k: b.get(k) for k in _OUTCOME_KEYS}}
     if (b.get("mode") or "scratch") == "finetune":   # the base and the probe set decide a fine-tune too
-        out["finetune"] = {k: val for k, val in b["finetune"].items() if k not in ("configs", "dir")}
+        out["finetune"] = {k: val for k, val in b["finetune"].items() if k not in ("configs", "dir", "seeds")}
     else:
         out["mode"] = "scratch"
     return out

@@ -193,7 +193,8 @@ def test_tiny_benchmark_end_to_end_then_resumed(tmp_path: Path, fashion_mnist_di
         clean_streaming_shm(tmp_path)
 
 
-FINETUNE = [*TINY, "bench.mode=finetune", "bench.finetune.configs=[plain,random2]", "bench.finetune.probe_pool=64",
+FINETUNE = [*TINY, "bench.mode=finetune", "bench.finetune.configs=[plain,random2]", "bench.finetune.seeds=[0]",
+            "bench.finetune.probe_pool=64",
             "bench.finetune.base.run.train.steps=4", "bench.finetune.base.run.train.ckpt_every=2",
             "bench.finetune.run.train.steps=4", "bench.finetune.run.train.ckpt_every=2",
             "bench.finetune.run.train.probe_every=2", "bench.finetune.run.train.probe_images=8"]
@@ -270,8 +271,8 @@ def test_finetune_mode_resolution_and_its_refusals():
     cfg = method.resolve_mode(method.compose_method(["bench.mode=finetune", "bench.dir=/x/b"]))
     b = cfg.bench
     assert b.dir == "/x/b_finetune" and list(b.configs) == ["plain", "class4", "sim2", "sim4", "random4"]
-    assert b.null_rate == 0.5 and b.run.train.steps == 1500 and b.run.train.probe_every == 100
-    assert b.finetune.base.run.train.steps == 6000 and b.finetune.base.run.model.name == b.run.model.name
+    assert b.null_rate == 0.5 and list(b.seeds) == [0] and b.run.train.steps == 1200 and b.run.train.probe_every == 100
+    assert b.finetune.base.run.train.steps == 5000 and b.finetune.base.run.model.name == b.run.model.name
     assert "++train.init_from=" + str(method.base_dir(cfg) / "ema.pt") in method.run_overrides(cfg, "sim4", 0,
                                                                                               Path("/s"))
     assert "++model.sample_embed=none" in method.run_overrides(cfg, "plain", 0, Path("/s"))
