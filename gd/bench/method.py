@@ -350,18 +350,18 @@ def build_base(cfg: DictConfig, reference: Path) -> dict[str, Any]:
                 *flatten(b.metrics, "metrics."), "sample.progress=false"]
     timing_path = out / "bench_timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    threads = int(b.threads) * int(b.parallel)     # the base runs alone: every thread the parallel runs would use
     if not (out / "ema.pt").is_file():
         print(f"[base] {' '.join(train_cmd[1:])}", flush=True)
         load0 = _load()
-        timing["train_s"] = timing.get("train_s", 0.0) + run_logged(train_cmd, out / "bench_train.log",
-                                                                    int(b.threads))
+        timing["train_s"] = timing.get("train_s", 0.0) + run_logged(train_cmd, out / "bench_train.log", threads)
         timing["train_load"] = [load0, _load()]
         atomic_write_text(timing_path, json.dumps(timing))
     atomic_write_text(out / "bench_base.json", json.dumps({"overrides": overrides, "train": train_cmd}, indent=1))
     if not eval_path.is_file():
         print(f"[base] {' '.join(eval_cmd[1:])}", flush=True)
         load0 = _load()
-        timing[f"eval_s_{tag}"] = run_logged(eval_cmd, out / "bench_eval.log", int(b.threads))
+        timing[f"eval_s_{tag}"] = run_logged(eval_cmd, out / "bench_eval.log", threads)
         timing[f"eval_load_{tag}"] = [load0, _load()]
         atomic_write_text(timing_path, json.dumps(timing))
     ev = json.loads(eval_path.read_text())

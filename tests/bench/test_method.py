@@ -271,8 +271,9 @@ def test_finetune_mode_resolution_and_its_refusals():
     cfg = method.resolve_mode(method.compose_method(["bench.mode=finetune", "bench.dir=/x/b"]))
     b = cfg.bench
     assert b.dir == "/x/b_finetune" and list(b.configs) == ["plain", "class4", "sim2", "sim4", "random4"]
-    assert b.null_rate == 0.5 and list(b.seeds) == [0] and b.run.train.steps == 1200 and b.run.train.probe_every == 100
-    assert b.finetune.base.run.train.steps == 5000 and b.finetune.base.run.model.name == b.run.model.name
+    assert b.null_rate == 0.5 and list(b.seeds) == [0]
+    assert b.run.train.steps == 2000 and b.run.train.probe_every == 100
+    assert b.finetune.base.run.train.steps == 8000 and b.finetune.base.run.model.name == b.run.model.name
     assert "++train.init_from=" + str(method.base_dir(cfg) / "ema.pt") in method.run_overrides(cfg, "sim4", 0,
                                                                                               Path("/s"))
     assert "++model.sample_embed=none" in method.run_overrides(cfg, "plain", 0, Path("/s"))
