@@ -291,6 +291,9 @@ def resolve_mode(cfg: DictConfig) -> DictConfig:
     ``${bench.*}`` references at the values the user gave."""
     tree = OmegaConf.to_container(cfg, resolve=True)
     b = tree["bench"]
+    if b.get("resolved"):                          # once: a second merge would put the fine-tune's run in the base's
+        return OmegaConf.create(tree)
+    b["resolved"] = True
     mode = b.get("mode") or "scratch"
     if mode not in MODES:
         raise ValueError(f"bench.mode={mode!r}: expected one of {MODES}")

@@ -274,6 +274,7 @@ def test_finetune_mode_resolution_and_its_refusals():
     assert b.null_rate == 0.5 and list(b.seeds) == [0]
     assert b.run.train.steps == 2000 and b.run.train.probe_every == 100
     assert b.finetune.base.run.train.steps == 8000 and b.finetune.base.run.model.name == b.run.model.name
+    assert method.resolve_mode(cfg) == cfg                    # resolving twice changes nothing
     assert "++train.init_from=" + str(method.base_dir(cfg) / "ema.pt") in method.run_overrides(cfg, "sim4", 0,
                                                                                               Path("/s"))
     assert "++model.sample_embed=none" in method.run_overrides(cfg, "plain", 0, Path("/s"))
