@@ -253,7 +253,7 @@ def test_tiny_finetune_benchmark_builds_the_base_once(tmp_path: Path, fashion_mn
         assert [p.stat().st_size for p in logs] == sizes
         assert [r["fid"] for r in again["runs"]] == [r["fid"] for r in result["runs"]]
 
-        other = [*args, "bench.finetune.base.run.train.lr=0.002"]
+        other = [*args, "++bench.finetune.base.run.train.lr=0.002"]
         assert method.base_dir(method.resolve_mode(method.compose_method(other))) != base
         with pytest.raises(ValueError, match=r"made with other settings \(.*train.init_from"):
             method.run(method.compose_method(other))
