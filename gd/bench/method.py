@@ -28,6 +28,13 @@ lost) as done, if they were scored with the same settings: a bench can be comple
 bench's sampler and metrics (a CFG scale, a step count), refusing a run trained with other settings.
 Output in ``bench.dir``: results.json (every run and the summary per configuration), table.md, method.png (FID vs
 N, FID vs S_cross), grouping.json.
+
+``bench.mode=finetune`` (``bench.finetune``; plan and measured step times in docs/bench/finetune.md): one plain SiT,
+the base, is trained once per settings into ``bench.shards_dir/base/<hash>`` and scored (its FID and loss curve in
+results.json); every configuration then fine-tunes the base's ema.pt (``train.init_from``) for the same images, with
+held-out probes (gd.train.probes) on shards of the Fashion-MNIST test split every ``train.probe_every`` steps; each
+GroupDiff run is scored twice from the same checkpoint and sample seed, grouped and alone (``sample.group_size=1``),
+the within-checkpoint FID. Output in ``bench.finetune.dir``; selectivity.png plots own-member share vs 1/N per step.
 """
 from __future__ import annotations
 
@@ -114,6 +121,14 @@ def check_bench(cfg: DictConfig) -> None:
         if (c.diffusion == "plain") != (int(c.group_size) == 1):
             problems.append(f"bench.variants.{name}: plain SiT has group_size 1 and GroupDiff group_size > 1, got "
                             f"diffusion={c.diffusion} group_size={c.group_size}")
+    if b.get("mode") == "finetune":
+        base = b.variants.get(b.get("baseline"))
+        if base is None or base.diffusion != "plain":
+            problems.append(f"bench.baseline={b.get('baseline')!r}: a fine-tune bench needs a plain SiT baseline "
+                            "(the base is that configuration trained first)")
+        if int(b.finetune.probe_pool) < int(b.run.train.get("probe_images", 64)):
+            problems.append(f"bench.finetune.probe_pool={b.finetune.probe_pool}: expected at least "
+                            f"train.probe_images={b.run.train.get('probe_images', 64)} test images")
     if problems:
         raise ValueError("invalid benchmark config:\n  " + "\n  ".join(problems))
 
@@ -129,10 +144,21 @@ def run_overrides(cfg: DictConfig, name: str, seed: int, shards: Path) -> list[s
     # micro-batches (p_group) and never drops a conditional label (released recipe).
     null = ([f"diffusion.class_dropout={rate}"] if c.diffusion == "plain" else
             [f"diffusion.p_group={rate}", "diffusion.class_dropout=0.0"])
-    return [f"diffusion={c.diffusion}", *null, *(f"++{o}" for o in flatten(b.run)),
-            f"diffusion.group_size={n}", f"model.max_group_size={n}", f"seed={int(seed)}",
-            f"sample.batch_groups={max(1, int(b.sample_batch) // n)}",
-            f"data.root={shards}", f"run.root={Path(b.dir) / 'runs'}", f"run.name={name}_s{int(seed)}"]
+    out = [f"diffusion={c.diffusion}", *null, *(f"++{o}" for o in flatten(b.run)),
+           f"diffusion.group_size={n}", f"model.max_group_size={n}", f"seed={int(seed)}",
+           f"sample.batch_groups={max(1, int(b.sample_batch) // n)}",
+           f"data.root={shards}", f"run.root={Path(b.dir) / 'runs'}", f"run.name={name}_s{int(seed)}"]
+    if b.get("mode") == "finetune":
+        out += finetune_overrides(cfg, c.diffusion)
+    return out
+
+
+def finetune_overrides(cfg: DictConfig, diffusion: str) -> list[str]:
+    """What a fine-tune run adds: the base's ema.pt as ``train.init_from`` and the held-out probe shards. Plain SiT
+    (the base and its continuation) has no sample embedding, as the official SiT files; a GroupDiff fine-tune adds
+    its own (N(0, 0.02), gd.train.init_from)."""
+    out = [f"++train.init_from={base_dir(cfg) / 'ema.pt'}", f"++train.probe_data={probe_root(cfg)}"]
+    return out + (["++model.sample_embed=none"] if diffusion == "plain" else [])
 
 
 # ---- subprocesses -----------------------------------------------------------------------------------------------
@@ -194,17 +220,32 @@ def grouping_root(cfg: DictConfig, grouping: str) -> Path:
 
 def build_grouping(cfg: DictConfig, grouping: str) -> Path:
     """The shard set of ``grouping`` (built once per settings); returns its root (data.root)."""
+    return _build_shards(cfg, grouping, grouping_overrides(cfg, grouping), grouping_root(cfg, grouping))
+
+
+def _build_shards(cfg: DictConfig, what: str, overrides: list[str], out: Path) -> Path:
     b = cfg.bench
-    overrides = grouping_overrides(cfg, grouping)
-    out = grouping_root(cfg, grouping)
     base = out.parent
     if (out / "meta.json").is_file():
         return out
     cmd = [_python(cfg), "tools/build_shards.py", f"out={out}", f"work_dir={base / 'work'}", *overrides]
-    print(f"[shards] {grouping}: {' '.join(cmd[1:])}", flush=True)
+    print(f"[shards] {what}: {' '.join(cmd[1:])}", flush=True)
     secs = run_logged(cmd, base / "build.log", int(b.threads) * int(b.parallel))
-    print(f"[shards] {grouping}: built in {secs:.0f} s (load {_load()})", flush=True)
+    print(f"[shards] {what}: built in {secs:.0f} s (load {_load()})", flush=True)
     return out
+
+
+def probe_overrides(cfg: DictConfig) -> list[str]:
+    """tools/build_shards.py settings of the held-out probe set: the first ``bench.finetune.probe_pool`` images of
+    the Fashion-MNIST test split (never trained on), plain records only (no grouping is drawn from it)."""
+    b = cfg.bench
+    return [f"limit={int(b.finetune.probe_pool)}", *flatten(b.build), "sources.fashion_mnist.split=test",
+            "embedder=random", "tau=-1.0", "n_max=4", "progress=false"]
+
+
+def probe_root(cfg: DictConfig) -> Path:
+    """Where the probe shards are (or will be) built: every fine-tune's train.probe_data."""
+    return Path(cfg.bench.shards_dir) / settings_key("probe_test", probe_overrides(cfg)) / "shards"
 
 
 def _work_arrays(work: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -239,19 +280,125 @@ def grouping_report(emb: np.ndarray, labels: np.ndarray, k: int, taus: list[floa
     return rows
 
 
+# ---- fine-tune mode: the base --------------------------------------------------------------------------------------
+MODES = ("scratch", "finetune")
+
+
+def resolve_mode(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with interpolations resolved and, for ``bench.mode=finetune``, the fine-tune bench in place: its
+    folder, configurations and null-label rate, ``bench.run`` with ``bench.finetune.run`` on top (every fine-tune)
+    and ``bench.finetune.base.run`` as ``bench.run`` with the base's settings on top. Resolving first keeps
+    ``${bench.*}`` references at the values the user gave."""
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    b = tree["bench"]
+    if b.get("resolved"):                          # once: a second merge would put the fine-tune's run in the base's
+        return OmegaConf.create(tree)
+    b["resolved"] = True
+    mode = b.get("mode") or "scratch"
+    if mode not in MODES:
+        raise ValueError(f"bench.mode={mode!r}: expected one of {MODES}")
+    b["mode"] = mode
+    if mode == "finetune":
+        ft = b["finetune"]
+        run = OmegaConf.create(b["run"])
+        ft["base"]["run"] = OmegaConf.to_container(OmegaConf.merge(run, ft["base"].get("run") or {}))
+        b["run"] = OmegaConf.to_container(OmegaConf.merge(run, ft.get("run") or {}))
+        b["dir"], b["configs"], b["null_rate"], b["seeds"] = ft["dir"], ft["configs"], ft["null_rate"], ft["seeds"]
+    return OmegaConf.create(tree)
+
+
+def base_overrides(cfg: DictConfig) -> list[str]:
+    """The hydra overrides of the base (plain SiT, no sample embedding, ``bench.finetune.base``), on the plain
+    configuration's shards; its run folder is named by a hash of its training settings, so a base is built once
+    per settings and a changed setting builds another."""
+    b = cfg.bench
+    base = b.finetune.base
+    shards = grouping_root(cfg, str(b.variants[b.baseline].grouping))
+    train = ["diffusion=plain", f"diffusion.class_dropout={float(base.null_rate)}",
+             *(f"++{o}" for o in flatten(base.run)), "diffusion.group_size=1", "model.max_group_size=1",
+             "++model.sample_embed=none", f"seed={int(base.seed)}", f"data.root={shards}"]
+    key = settings_key("base", training_overrides(train))
+    return [*train, f"sample.batch_groups={int(b.sample_batch)}", f"run.root={Path(b.shards_dir) / 'base'}",
+            f"run.name={key}"]
+
+
+def base_dir(cfg: DictConfig) -> Path:
+    """The base's run folder (its ema.pt is every fine-tune's train.init_from)."""
+    name = next(o for o in base_overrides(cfg) if o.startswith("run.name=")).split("=", 1)[1]
+    return Path(cfg.bench.shards_dir) / "base" / name
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_base(cfg: DictConfig, reference: Path) -> dict[str, Any]:
+    """Train the base once (``python -m gd.train``: a killed build resumes from its checkpoint) and score it with
+    this bench's sampler and metrics (one eval file per scoring setting); its FID, loss curve and sha256."""
+    b = cfg.bench
+    overrides = base_overrides(cfg)
+    out = base_dir(cfg)
+    scoring = [*(o for o in overrides if o.startswith(_SCORING_ONLY)), *flatten(b.metrics, "metrics."),
+               f"ref={int(b.ref_images)}"]
+    tag = hashlib.sha256(json.dumps(scoring).encode()).hexdigest()[:10]
+    eval_path = out / f"eval-{tag}.json"
+    train_cmd = [_python(cfg), "-m", "gd.train", *overrides, "train.progress=false"]
+    eval_cmd = [_python(cfg), "-m", "gd.evaluate", *overrides, f"ckpt={out / 'ema.pt'}",
+                f"metrics.reference={reference}", f"metrics.reference_max_images={int(b.ref_images)}",
+                f"metrics.out={eval_path}", f"sample.out={out / f'samples-{tag}'}",
+                *flatten(b.metrics, "metrics."), "sample.progress=false"]
+    timing_path = out / "bench_timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    threads = int(b.threads) * int(b.parallel)     # the base runs alone: every thread the parallel runs would use
+    if not (out / "ema.pt").is_file():
+        print(f"[base] {' '.join(train_cmd[1:])}", flush=True)
+        load0 = _load()
+        timing["train_s"] = timing.get("train_s", 0.0) + run_logged(train_cmd, out / "bench_train.log", threads)
+        timing["train_load"] = [load0, _load()]
+        atomic_write_text(timing_path, json.dumps(timing))
+    atomic_write_text(out / "bench_base.json", json.dumps({"overrides": overrides, "train": train_cmd}, indent=1))
+    if not eval_path.is_file():
+        print(f"[base] {' '.join(eval_cmd[1:])}", flush=True)
+        load0 = _load()
+        timing[f"eval_s_{tag}"] = run_logged(eval_cmd, out / "bench_eval.log", threads)
+        timing[f"eval_load_{tag}"] = [load0, _load()]
+        atomic_write_text(timing_path, json.dumps(timing))
+    ev = json.loads(eval_path.read_text())
+    curve = [(int(r["step"]), float(r["loss"])) for r in _metric_records(out) if "loss" in r]
+    row = {"dir": str(out), "fid": float(ev["fid"]), "precision": ev.get("precision"), "recall": ev.get("recall"),
+           "num_images": ev["num_images"], "steps": curve[-1][0] if curve else None, "loss_curve": curve,
+           "ema_sha256": sha256(out / "ema.pt"), "train_s": timing.get("train_s"),
+           "eval_s": timing.get(f"eval_s_{tag}")}
+    print(f"[base] FID {row['fid']:.2f} after {row['steps']} steps, last loss "
+          f"{curve[-1][1] if curve else float('nan'):.4f} ({out})", flush=True)
+    return row
+
+
 # ---- runs -------------------------------------------------------------------------------------------------------
-def _read_metrics(run_dir: Path) -> dict[str, Any]:
-    """From the trainer's metrics.jsonl: the last S_cross, the median img/s, the last step."""
-    s_cross, ips, step = None, [], 0
+def _metric_records(run_dir: Path) -> list[dict[str, Any]]:
     with open(run_dir / "metrics.jsonl") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            step = max(step, int(rec.get("step", 0)))
-            if "s_cross" in rec:
-                s_cross = float(rec["s_cross"])
-            if "img_per_s" in rec:
-                ips.append(float(rec["img_per_s"]))
-    return {"s_cross": s_cross, "img_per_s": float(np.median(ips)) if ips else None, "steps": step}
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _read_metrics(run_dir: Path) -> dict[str, Any]:
+    """From the trainer's metrics.jsonl: the last S_cross, the median img/s, the last step, and the held-out probes
+    (``probes``: one record of ``probe_*`` values per probed step, when the run had ``train.probe_every``)."""
+    s_cross, ips, step, probes = None, [], 0, []
+    for rec in _metric_records(run_dir):
+        step = max(step, int(rec.get("step", 0)))
+        if "s_cross" in rec:
+            s_cross = float(rec["s_cross"])
+        if "img_per_s" in rec:
+            ips.append(float(rec["img_per_s"]))
+        values = {k: v for k, v in rec.items() if k.startswith("probe_")}
+        if values:
+            probes.append({"step": int(rec["step"]), **values})
+    out = {"s_cross": s_cross, "img_per_s": float(np.median(ips)) if ips else None, "steps": step}
+    return {**out, "probes": probes} if probes else out
 
 
 _SCORING_ONLY = ("sample.", "++sample.", "metrics.", "++metrics.", "run.root=")
@@ -283,6 +430,17 @@ def trained_elsewhere(cfg: DictConfig, name: str, seed: int, overrides: list[str
     return src
 
 
+def check_stamp(run_dir: Path, overrides: list[str]) -> None:
+    """A run folder made with other overrides (a fine-tune of another base included) is refused, naming them."""
+    stamp = run_dir / "bench_run.json"
+    if stamp.is_file():
+        have = json.loads(stamp.read_text())["overrides"]
+        if have != overrides:
+            changed = sorted(set(have) ^ set(overrides))
+            raise ValueError(f"{run_dir} was made with other settings ({', '.join(changed)}): delete it or set "
+                             "another bench.name")
+
+
 def run_one(cfg: DictConfig, name: str, seed: int, shards: Path, reference: Path) -> dict[str, Any]:
     """Train and score configuration ``name`` at ``seed`` (skipped when its eval.json exists); with
     ``bench.checkpoints_from`` score that bench's checkpoint instead of training."""
@@ -292,12 +450,7 @@ def run_one(cfg: DictConfig, name: str, seed: int, shards: Path, reference: Path
     source = trained_elsewhere(cfg, name, seed, overrides)
     train_dir = source or run_dir
     stamp = run_dir / "bench_run.json"
-    if stamp.is_file():
-        have = json.loads(stamp.read_text())["overrides"]
-        if have != overrides:
-            changed = sorted(set(have) ^ set(overrides))
-            raise ValueError(f"{run_dir} was made with other settings ({', '.join(changed)}): delete it or set "
-                             "another bench.name")
+    check_stamp(run_dir, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
     train_cmd = [_python(cfg), "-m", "gd.train", *overrides, "train.progress=false"]
     eval_cmd = [_python(cfg), "-m", "gd.evaluate", *overrides, f"ckpt={train_dir / 'ema.pt'}",
@@ -321,12 +474,28 @@ def run_one(cfg: DictConfig, name: str, seed: int, shards: Path, reference: Path
         timing["eval_s"] = run_logged(eval_cmd, run_dir / "bench_eval.log", threads)
         timing["eval_load"] = [load0, _load()]
         atomic_write_text(timing_path, json.dumps(timing))
-    ev = json.loads((run_dir / "eval.json").read_text())
     c = b.variants[name]
+    alone = None
+    if b.get("mode") == "finetune" and b.finetune.get("alone") and int(c.group_size) > 1:
+        alone = run_dir / "eval_alone.json"
+        if not alone.is_file():   # the same checkpoint and sample seed, every image alone (N = 1)
+            alone_cmd = [o for o in eval_cmd if not o.startswith(("sample.batch_groups=", "metrics.out="))]
+            alone_cmd += ["sample.group_size=1", f"sample.batch_groups={int(b.sample_batch)}",
+                          f"sample.out={run_dir / 'samples_alone'}", f"metrics.out={alone}"]
+            print(f"[run] {name} seed {seed} alone: {' '.join(alone_cmd[1:])}", flush=True)
+            load0 = _load()
+            timing["eval_alone_s"] = run_logged(alone_cmd, run_dir / "bench_eval_alone.log", threads)
+            timing["eval_alone_load"] = [load0, _load()]
+            atomic_write_text(timing_path, json.dumps(timing))
+    ev = json.loads((run_dir / "eval.json").read_text())
     row = {"config": name, "seed": int(seed), "grouping": kind(cfg, name),
            "group_size": int(c.group_size), "fid": float(ev["fid"]), "fid_label": ev.get("fid_label"),
            "precision": ev.get("precision"), "recall": ev.get("recall"), "num_images": ev["num_images"],
            **_read_metrics(train_dir), **timing, "run_dir": str(run_dir)}
+    if alone is not None:
+        ev1 = json.loads(alone.read_text())
+        row.update(fid_alone=float(ev1["fid"]), fid_grouped_minus_alone=row["fid"] - float(ev1["fid"]),
+                   precision_alone=ev1.get("precision"), recall_alone=ev1.get("recall"))
     if source is not None:
         row["trained_in"] = str(source)
     if int(c.group_size) == 1:
@@ -363,8 +532,20 @@ def summarize(cfg: DictConfig, rows: list[dict]) -> list[dict]:
         diffs = [r["fid"] - plain[r["seed"]] for r in mine if r["seed"] in plain]
         if name != b.get("baseline") and diffs:
             s["fid_minus_plain"], s["fid_minus_plain_sd"] = _mean_sd(diffs)
+        if any("fid_alone" in r for r in mine):
+            for key in ("fid_alone", "fid_grouped_minus_alone"):
+                s[key], s[f"{key}_sd"] = _mean_sd([r.get(key) for r in mine])
+        last = [r["probes"][-1] for r in mine if r.get("probes")]
+        for key in PROBE_SUMMARY:
+            if any(key in p for p in last):
+                s[key], s[f"{key}_sd"] = _mean_sd([p.get(key) for p in last])
         out.append(s)
     return out
+
+
+# The held-out probe values a fine-tune's summary reports (its last probe, mean over seeds): docs/probes.md.
+PROBE_SUMMARY = ("probe_own_class", "probe_own_random", "probe_own_uniform", "probe_loss_cond",
+                 "probe_loss_uncond", "probe_loss_class_minus_alone", "probe_loss_random_minus_alone")
 
 
 def _pm(mean: float | None, sd: float | None, digits: int = 1, scale: float = 1.0) -> str:
@@ -389,6 +570,68 @@ def markdown_table(summary: list[dict], fid_label: str) -> str:
             f"| {_pm(s['s_cross'], s['s_cross_sd'], 1, 100.0)}{'%' if s['s_cross'] is not None else ''} "
             f"| {paper} | {_pm(s['train_s'], None, 0)} |")
     return head + "\n".join(lines) + f"\n\nFID: {fid_label}; sd over seeds (ddof 1).\n"
+
+
+def finetune_table(summary: list[dict], base: dict, fid_label: str) -> str:
+    """The fine-tune bench's table: FID across runs (paired vs the continued plain SiT), the within-checkpoint FID
+    (grouped minus alone, same weights and sample seed) and the last held-out probe of each configuration."""
+    head = ("| configuration | FID ↓ | Δ vs plain, paired | FID alone (same ckpt) | grouped − alone | own share "
+            "class / random (1/N) | Δloss class − alone | Δloss random − alone | probe loss cond |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for s in summary:
+        own = "—"
+        if s.get("probe_own_class") is not None:
+            own = (f"{s['probe_own_class']:.3f} / {s.get('probe_own_random') or float('nan'):.3f} "
+                   f"({s['probe_own_uniform']:.3f})")
+        lines.append(
+            f"| {s['label']} | {_pm(s['fid'], s['fid_sd'])}"
+            f" | {_pm(s.get('fid_minus_plain'), s.get('fid_minus_plain_sd'))}"
+            f" | {_pm(s.get('fid_alone'), s.get('fid_alone_sd'))}"
+            f" | {_pm(s.get('fid_grouped_minus_alone'), s.get('fid_grouped_minus_alone_sd'))} | {own}"
+            f" | {_pm(s.get('probe_loss_class_minus_alone'), None, 5)}"
+            f" | {_pm(s.get('probe_loss_random_minus_alone'), None, 5)} | {_pm(s.get('probe_loss_cond'), None, 4)} |")
+    loss = f"{base['loss_curve'][-1][1]:.4f}" if base.get("loss_curve") else "—"
+    return (head + "\n".join(lines) + f"\n\nBase (plain SiT, {base['steps']} steps): FID {base['fid']:.2f}, last "
+            f"training loss {loss}, ema.pt sha256 {base['ema_sha256'][:12]}. FID: {fid_label}; sd over seeds "
+            "(ddof 1). Own share and Δloss: the last held-out probe (test split), mean over seeds.\n")
+
+
+def plot_selectivity(rows: list[dict], base: dict, out: Path) -> None:
+    """Member selectivity over fine-tuning steps (own share, class and random groups, vs 1/N) per run, and the
+    base's training loss curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(x for x in rows if x.get("probes")):
+        color = colors[i % len(colors)]
+        steps = [p["step"] for p in r["probes"]]
+        for ax, key in ((ax1, "probe_own_class"), (ax2, "probe_own_random")):
+            if any(key in p for p in r["probes"]):
+                ax.plot(steps, [p.get(key, math.nan) for p in r["probes"]], color=color, marker=".",
+                        label=f"{r['config']} s{r['seed']}")
+                ax.plot(steps, [p.get("probe_own_uniform", math.nan) for p in r["probes"]], color=color,
+                        linestyle="--", linewidth=0.8)
+    for ax, title in ((ax1, "same-class groups"), (ax2, "random groups")):
+        ax.set_xlabel("fine-tune step")
+        ax.set_ylabel("own-member attention share (dashed: 1/N)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    curve = base.get("loss_curve") or []
+    ax3.plot([c[0] for c in curve], [c[1] for c in curve], color="k")
+    ax3.set_xlabel("base step")
+    ax3.set_ylabel("training loss")
+    ax3.set_title(f"base plain SiT: FID {base['fid']:.1f}", fontsize=9)
+    ax3.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 def plot(summary: list[dict], out: Path) -> None:
@@ -432,7 +675,7 @@ def plot(summary: list[dict], out: Path) -> None:
 
 # ---- the benchmark ----------------------------------------------------------------------------------------------
 # What decides a run's outcome; the rest of the bench config (seeds, parallelism, folders, labels) does not.
-_OUTCOME_KEYS = ("null_rate", "train_images", "ref_images", "build", "run", "sample_batch")
+_OUTCOME_KEYS = ("null_rate", "train_images", "ref_images", "build", "run", "sample_batch", "mode")
 
 
 def run_settings(b: Any, name: str) -> dict[str, Any]:
@@ -440,8 +683,13 @@ def run_settings(b: Any, name: str) -> dict[str, Any]:
     b = OmegaConf.to_container(b, resolve=True) if isinstance(b, DictConfig) else b
     v = b["variants"][name]
     metrics = {k: val for k, val in (b.get("metrics") or {}).items() if k != "cache_dir"}
-    return {"variant": {k: v[k] for k in ("diffusion", "grouping", "group_size")},
-            "grouping": b["groupings"][v["grouping"]], "metrics": metrics, **{k: b.get(k) for k in _OUTCOME_KEYS}}
+    out = {"variant": {k: v[k] for k in ("diffusion", "grouping", "group_size")},
+           "grouping": b["groupings"][v["grouping"]], "metrics": metrics, **{k: b.get(k) for k in _OUTCOME_KEYS}}
+    if (b.get("mode") or "scratch") == "finetune":   # the base and the probe set decide a fine-tune too
+        out["finetune"] = {k: val for k, val in b["finetune"].items() if k not in ("configs", "dir", "seeds")}
+    else:
+        out["mode"] = "scratch"
+    return out
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -495,7 +743,9 @@ def planned_runs(cfg: DictConfig, previous: dict[tuple[str, int], dict[str, Any]
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Build data, run every (configuration, seed) not yet done, write results.json, table.md and method.png."""
+    """Build data, run every (configuration, seed) not yet done, write results.json, table.md and method.png; with
+    ``bench.mode=finetune`` first the base (once per settings) and the probe shards, then selectivity.png."""
+    cfg = resolve_mode(cfg)
     check_bench(cfg)
     previous = previous_rows(cfg)
     jobs = planned_runs(cfg, previous)  # before any build: a report with nothing scored is refused at once
@@ -503,13 +753,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for name, seed in jobs:             # and a checkpoint to score that is missing or trained otherwise
         if (name, seed) not in previous:
             root = grouping_root(cfg, str(b.variants[name].grouping))
-            trained_elsewhere(cfg, name, seed, run_overrides(cfg, name, seed, root))
+            overrides = run_overrides(cfg, name, seed, root)
+            trained_elsewhere(cfg, name, seed, overrides)
+            check_stamp(Path(b.dir) / "runs" / f"{name}_s{seed}", overrides)
     out = Path(b.dir)
     out.mkdir(parents=True, exist_ok=True)
     started, load0 = time.perf_counter(), _load()
     reference = build_reference(cfg)
     needed = sorted({str(b.variants[n].grouping) for n in b.configs})
+    finetune = b.mode == "finetune"
+    if finetune:
+        needed = sorted({*needed, str(b.variants[b.baseline].grouping)})    # the base trains on plain's shards
     shards = {g: build_grouping(cfg, g) for g in needed}
+    base = None
+    if finetune:
+        _build_shards(cfg, "probe (test split)", probe_overrides(cfg), probe_root(cfg))
+        base = build_base(cfg, reference)
     report = {}
     for g in needed:
         meta = json.loads((shards[g] / "meta.json").read_text())
@@ -531,14 +790,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     rows = [mine[j] if j in mine else previous[j] for j in jobs]
     summary = summarize(cfg, rows)
     fid_label = rows[0].get("fid_label") or "FID"
-    table = markdown_table(summary, fid_label)
+    table = finetune_table(summary, base, fid_label) if finetune else markdown_table(summary, fid_label)
     result = {"bench": OmegaConf.to_container(b, resolve=True), "runs": rows, "summary": summary,
-              "report_only": bool(b.get("report_only")),
+              "report_only": bool(b.get("report_only")), **({"base": base} if finetune else {}),
               "grouping": report, "seconds": round(time.perf_counter() - started, 1),
               "load": [load0, _load()], "cpus": os.cpu_count()}
     atomic_write_text(out / "results.json", json.dumps(result, indent=1))
     atomic_write_text(out / "table.md", table)
     plot(summary, out / "method.png")
+    if finetune:
+        plot_selectivity(rows, base, out / "selectivity.png")
     print("\n" + table, flush=True)
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'method.png'} in {result['seconds']:.0f} s "
           f"(load {result['load']})", flush=True)

@@ -193,6 +193,105 @@ def test_tiny_benchmark_end_to_end_then_resumed(tmp_path: Path, fashion_mnist_di
         clean_streaming_shm(tmp_path)
 
 
+FINETUNE = [*TINY, "bench.mode=finetune", "bench.finetune.configs=[plain,random2]", "bench.finetune.seeds=[0]",
+            "bench.finetune.probe_pool=64",
+            "bench.finetune.base.run.train.steps=4", "bench.finetune.base.run.train.ckpt_every=2",
+            "bench.finetune.run.train.steps=4", "bench.finetune.run.train.ckpt_every=2",
+            "bench.finetune.run.train.probe_every=2", "bench.finetune.run.train.probe_images=8"]
+
+
+@pytest.mark.slow
+def test_tiny_finetune_benchmark_builds_the_base_once(tmp_path: Path, fashion_mnist_dir: Path) -> None:
+    """bench.mode=finetune end to end with the real commands: the base (plain SiT, no sample embedding) is trained
+    and scored once; every fine-tune's trainer config has train.init_from = the base's ema.pt; its metrics.jsonl has
+    the held-out probes every probe_every steps (member selectivity for the grouped run); the GroupDiff run is scored
+    grouped and alone from the same checkpoint and seed. A second call trains nothing (the base's sha256 and every log
+    unchanged); a bench whose base has other settings names another base folder and refuses the fine-tune folders made
+    from the first one before it builds anything."""
+    from gd.train.__main__ import compose_config
+
+    args = [*FINETUNE, f"bench.dir={tmp_path / 'bench'}", f"bench.shards_dir={tmp_path / 'shards'}"]
+    try:
+        result = method.run(method.compose_method(args))
+        base = Path(result["base"]["dir"])
+        assert base.parent == tmp_path / "shards" / "base" and math.isfinite(result["base"]["fid"])
+        assert result["base"]["steps"] == 4 and result["base"]["loss_curve"]
+        assert compose_config(json.loads((base / "bench_base.json").read_text())["overrides"]).model.sample_embed \
+            == "none"
+        out = tmp_path / "bench_finetune"                        # bench.finetune.dir: bench.dir + _finetune
+        rows = {r["config"]: r for r in result["runs"]}
+        assert set(rows) == {"plain", "random2"}
+        for name, row in rows.items():
+            run_dir = out / "runs" / f"{name}_s0"
+            trained = OmegaConf.load(run_dir / "config.yaml")
+            assert Path(trained.train.init_from) == base / "ema.pt"
+            assert trained.train.probe_data == str(method.probe_root(method.resolve_mode(method.compose_method(args))))
+            probes = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            probes = [r for r in probes if "probe_loss_cond" in r]
+            assert [r["step"] for r in probes] == [2, 4] and row["steps"] == 4
+            assert [p["step"] for p in row["probes"]] == [2, 4]
+        grouped = rows["random2"]
+        for key in ("probe_own_class", "probe_own_random", "probe_loss_random_minus_alone"):
+            assert all(key in p for p in grouped["probes"])
+        assert grouped["probes"][-1]["probe_own_uniform"] == pytest.approx(0.5)
+        assert "fid_alone" not in rows["plain"]
+        ev = {k: json.loads((out / "runs" / "random2_s0" / f).read_text())
+              for k, f in (("grouped", "eval.json"), ("alone", "eval_alone.json"))}
+        assert ev["grouped"]["ckpt_sha256"] == ev["alone"]["ckpt_sha256"]
+        assert (ev["grouped"]["sampler"]["group_size"], ev["alone"]["sampler"]["group_size"]) == (2, 1)
+        assert ev["grouped"]["sampler"]["seed"] == ev["alone"]["sampler"]["seed"]
+        assert grouped["fid_alone"] == pytest.approx(ev["alone"]["fid"])
+        assert grouped["fid_grouped_minus_alone"] == pytest.approx(ev["grouped"]["fid"] - ev["alone"]["fid"])
+        for name in ("results.json", "table.md", "method.png", "selectivity.png"):
+            assert (out / name).stat().st_size > 0
+        assert "random, N=2" in (out / "table.md").read_text()
+
+        logs = sorted([*base.glob("bench_*.log"), *(out / "runs").glob("*/bench_*.log")])
+        sizes = [p.stat().st_size for p in logs]
+        again = method.run(method.compose_method(args))
+        assert again["base"]["ema_sha256"] == result["base"]["ema_sha256"] == method.sha256(base / "ema.pt")
+        assert [p.stat().st_size for p in logs] == sizes
+        assert [r["fid"] for r in again["runs"]] == [r["fid"] for r in result["runs"]]
+
+        other = [*args, "++bench.finetune.base.run.train.lr=0.002"]
+        assert method.base_dir(method.resolve_mode(method.compose_method(other))) != base
+        with pytest.raises(ValueError, match=r"made with other settings \(.*train.init_from"):
+            method.run(method.compose_method(other))
+        assert sorted(p.name for p in (tmp_path / "shards" / "base").iterdir()) == [base.name]
+    finally:
+        from tests.fixtures.shm import clean_streaming_shm
+
+        clean_streaming_shm(tmp_path)
+
+
+def test_finetune_mode_resolution_and_its_refusals():
+    """The fine-tune bench's settings: its own folder, configurations and null rate, bench.run with the fine-tune
+    and the base settings on top, and a base key that changes with a training setting but not with a sampler one.
+    Catches a base rebuilt for another CFG scale, or a fine-tune that inherits the base's step count."""
+    cfg = method.resolve_mode(method.compose_method(["bench.mode=finetune", "bench.dir=/x/b"]))
+    b = cfg.bench
+    assert b.dir == "/x/b_finetune" and list(b.configs) == ["plain", "class4", "sim2", "sim4", "random4"]
+    assert b.null_rate == 0.5 and list(b.seeds) == [0]
+    assert b.run.train.steps == 2000 and b.run.train.probe_every == 100
+    assert b.finetune.base.run.train.steps == 8000 and b.finetune.base.run.model.name == b.run.model.name
+    assert method.resolve_mode(cfg) == cfg                    # resolving twice changes nothing
+    assert "++train.init_from=" + str(method.base_dir(cfg) / "ema.pt") in method.run_overrides(cfg, "sim4", 0,
+                                                                                              Path("/s"))
+    assert "++model.sample_embed=none" in method.run_overrides(cfg, "plain", 0, Path("/s"))
+    assert "++model.sample_embed=none" not in method.run_overrides(cfg, "sim4", 0, Path("/s"))
+    cfg_scale = method.resolve_mode(method.compose_method(["bench.mode=finetune", "bench.run.sample.cfg_scale=1.0"]))
+    assert method.base_dir(cfg_scale) == method.base_dir(method.resolve_mode(method.compose_method(
+        ["bench.mode=finetune"])))
+    longer = method.resolve_mode(method.compose_method(["bench.mode=finetune",
+                                                        "bench.finetune.base.run.train.steps=7000"]))
+    assert method.base_dir(longer) != method.base_dir(cfg_scale)
+    with pytest.raises(ValueError, match="bench.mode='fine': expected one of"):
+        method.resolve_mode(method.compose_method(["bench.mode=fine"]))
+    with pytest.raises(ValueError, match="needs a plain SiT baseline"):
+        method.check_bench(method.resolve_mode(method.compose_method(["bench.mode=finetune",
+                                                                      "bench.baseline=sim4"])))
+
+
 def test_every_configuration_sees_the_same_images_and_null_label_rate():
     """The composed run configs of plain SiT and each GroupDiff-l variant: equal steps x batch and, counted over
     2,000 planned micro-batches, the same share of null labels (plain: dropped per image; GroupDiff-l: whole group
