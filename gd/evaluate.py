@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -55,7 +56,11 @@ def _check_reference(m: DictConfig) -> None:
                          "arr_0, or mu/sigma) or cleanfid:<name>:<res>:<split>")
     ref = str(ref)
     if not ref.startswith("cleanfid:") and not Path(ref).expanduser().exists():
-        raise FileNotFoundError(f"metrics.reference={ref!r} does not exist")
+        hint = ""
+        if Path(ref).name.startswith("VIRTUAL_imagenet"):
+            hint = (": it is ADM's reference batch, linked from the evaluations/ README of openai/guided-diffusion; "
+                    "download it once and pass its local path")
+        raise FileNotFoundError(f"metrics.reference={ref!r} does not exist{hint}")
 
 
 def config_hash(cfg: DictConfig, m: DictConfig) -> str:
@@ -150,13 +155,21 @@ def evaluate(cfg: DictConfig) -> dict:
 def main() -> None:
     """``python -m gd.evaluate`` / ``gd-evaluate``: hydra entry point (conf/evaluate.yaml)."""
     @hydra_main("evaluate")
-    def main(cfg: DictConfig) -> None:
+    def main(cfg: DictConfig) -> int:
+        try:
+            _check_reference(metric_settings(cfg))  # before sampling: minutes to hours
+        except (ValueError, FileNotFoundError) as err:
+            print(f"gd.evaluate: {err}", file=sys.stderr)
+            return 2
         result = evaluate(cfg)
         if "fid" in result:
             print(f"{result['fid_label']}: {result['fid']:.4f}  ({result['num_images']} samples vs "
                   f"{result['reference']['spec']})  -> {result['json']}")
+        return 0
 
-    main()
+    code = main()
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

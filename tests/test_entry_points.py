@@ -94,3 +94,17 @@ def test_a_plus_key_under_an_open_mapping_is_accepted():
         "unknown key cluster.partiton (+cluster.partiton=...): no conf/ file declares it, so nothing would read it; "
         "did you mean cluster.partition? (a '+' adds a config group or a key under an open mapping such as "
         "cluster.env)"]
+
+
+def test_evaluate_without_its_reference_says_where_to_get_it_in_one_line(tmp_path):
+    """Before: a hydra traceback after the model was built, with no hint where the ADM reference batch comes from."""
+    done = subprocess.run([sys.executable, "-m", "gd.evaluate", "+exp=demo", f"ckpt={tmp_path / 'ema.pt'}",
+                           f"metrics.reference={tmp_path / 'VIRTUAL_imagenet256_labeled.npz'}"], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "VIRTUAL_imagenet256_labeled.npz' does not exist: it is ADM's reference batch" in lines[0]
+    assert "openai/guided-diffusion" in lines[0]
+    assert list(tmp_path.iterdir()) == []
