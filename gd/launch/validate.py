@@ -53,6 +53,7 @@ def validate(cfg: DictConfig) -> list[str]:
     if found:
         problems.append("the config holds credentials: " + "; ".join(found) + f". {NO_CREDENTIALS}")
     if not problems and cfg.task in TASKS:
+        problems += _check_model(cfg)
         problems += _check_objective(cfg)
     if not problems and cfg.task == "train":
         problems += _check_batch(cfg)
@@ -179,6 +180,22 @@ def _check_resume(cfg: DictConfig, warnings: list[str]) -> list[str]:
         return [f"run {cfg.run.name} resumes {ckpt}: {describe(saved, world, problems)} ({ranks})"]
     if saved["world_size"] != world:
         warnings.append(f"run {cfg.run.name} resumes {ckpt}: {describe(saved, world, [])}")
+    return []
+
+
+def _check_model(cfg: DictConfig) -> list[str]:
+    """model.*: the model builds (name, sizes, backend, sample embedding, ...), on the meta device (no memory)."""
+    import torch
+
+    from gd.models import build_model
+    from gd.train.trainer import model_kwargs
+
+    kwargs = model_kwargs(cfg.model)
+    try:
+        with torch.device("meta"):
+            build_model(kwargs.pop("name"), **kwargs)
+    except (ValueError, TypeError) as err:
+        return [f"model: {err}"]
     return []
 
 

@@ -300,3 +300,12 @@ def test_dry_runs_and_refused_launches_write_nothing(tmp_path: Path) -> None:
     (tmp_path / "runs" / "demo" / "metrics.jsonl").write_text("{}\n")  # a real run's folder stays as it was
     run_launch("+cluster=local", "+exp=demo", "launcher.dry_run=true", "launcher.check_data=false", cwd=tmp_path)
     assert sorted(p.name for p in (tmp_path / "runs" / "demo").iterdir()) == ["metrics.jsonl"]
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.name=SiT-XXL/2", "model: model name 'SiT-XXL/2': expected 'SiT-<S|B|L|XL>/<2|4|8>'"),
+    ("model.attn_backend=flash", "model: attn_backend='flash': expected one of ('sdpa', 'xformers', 'math')"),
+])
+def test_model_settings_are_checked_at_launch(override: str, needle: str) -> None:
+    """Before: both passed the dry run and failed only when the job started."""
+    assert needle in _rejection("+cluster=slurm", "+exp=groupdiff4", override)
