@@ -108,3 +108,16 @@ def test_evaluate_without_its_reference_says_where_to_get_it_in_one_line(tmp_pat
     assert "VIRTUAL_imagenet256_labeled.npz' does not exist: it is ADM's reference batch" in lines[0]
     assert "openai/guided-diffusion" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_build_shards_refuses_a_missing_image_folder_before_its_imports(tmp_path):
+    """Before: ~45 s of imports (streaming pulls in transformers), then a traceback."""
+    done = subprocess.run([sys.executable, "-m", "gd.build_shards", "source=folder",
+                           f"sources.folder.root={tmp_path / 'imagenet'}", f"out={tmp_path / 'out'}"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip() == (f"gd.build_shards: sources.folder.root={tmp_path / 'imagenet'}: no such folder; "
+                                   "expected an ImageNet-style <root>/<class>/<image> tree (e.g. "
+                                   "sources.folder.root=/data/imagenet/train)")
+    assert list(tmp_path.iterdir()) == []
