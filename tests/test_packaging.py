@@ -98,7 +98,7 @@ def test_installed_package_reads_its_own_configs(venv, tmp_path):
     assert where.returncode == 0, where.stderr
     path, conf = where.stdout.split()
     assert Path(path).is_relative_to(venv) and conf == "pkg://gd.conf"
-    cfg = run(venv, tmp_path, "gd-train", "--cfg", "job", "+exp=groupdiff4")
+    cfg = run(venv, tmp_path, "gd-train", "--cfg", "job", "--resolve", "+exp=groupdiff4")
     assert cfg.returncode == 0 and "name: SiT-XL/2" in cfg.stdout and "max_group_size: 4" in cfg.stdout, cfg.stderr
     dry = run(venv, tmp_path, "gd-launch", "+cluster=local", "+exp=demo", "launcher.dry_run=true",
               "launcher.check_data=false", f"run.root={tmp_path / 'runs'}")
