@@ -72,7 +72,7 @@ def test_env_references_and_shell_references_pass():
     setup lines are accepted (and a plain endpoint URL, model key names like num_tokens)."""
     cfg = compose_cfg("+cluster=slurm", "+exp=groupdiff4", "+data.api_token=${oc.env:GD_TOKEN,unset}",
                       "cluster.setup=['export AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY']",
-                      "+cluster.env.S3_ENDPOINT_URL=http://127.0.0.1:9000", "+model.num_tokens=256")
+                      "+cluster.env.S3_ENDPOINT_URL=http://127.0.0.1:9000", "+train.deepspeed.num_tokens=256")
     with open_dict(cfg):
         cfg.launcher.check_data = False
     validate(cfg)

@@ -21,7 +21,9 @@ STEPS = 4
 
 def tiny(shards: Path, root: Path, *extra: str) -> list[str]:
     """The demo experiment shrunk to a few CPU seconds per member: 16x16, one micro-batch of 8, 4 steps."""
-    return ["+exp=demo", f"run.root={root}", f"data.root={shards}", f"data.cache={root}/cache",
+    # Each member its own node-local cache, as the default data.cache (per run.name) gives: members of one array
+    # run at once on one node, and streaming refuses a local folder another live job registered.
+    return ["+exp=demo", f"run.root={root}", f"data.root={shards}", f"data.cache={root}/cache/" + "${run.name}",
             *DEMO_MECHANICS,
             "model.input_size=16", "train.global_batch=8", "train.micro_batch=8", f"train.steps={STEPS}",
             "train.log_every=1", "train.ckpt_every=2", *extra]
