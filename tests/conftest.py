@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.slurm",
     "tests.fixtures.fashion_mnist",
+    "tests.fixtures.threads",
 ]

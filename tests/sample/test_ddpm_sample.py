@@ -22,13 +22,7 @@ from tests.models.test_released import reference_slots, released_checkpoint
 from tests.sample.conftest import compose_cfg, sample_overrides
 from tests.sample.test_sample import tree_bytes
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: OpenMP threads on two shared cores made these tests ~6x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/fixtures/threads.py)
 
 
 TINY_DIT = dict(input_size=8, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=3, learn_sigma=True,

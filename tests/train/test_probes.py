@@ -20,12 +20,7 @@ from tests.train.conftest import clean_streaming_shm, overrides
 N = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/fixtures/threads.py)
 
 
 def _set(m: int = 16, n: int = N, classes: int = 3, times: int = 3, seed: int = 0) -> ProbeSet:
